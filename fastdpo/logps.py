@@ -1,0 +1,89 @@
+"""Per-sequence summed (or averaged) log-probs of target tokens: the op every fastdpo loss stands on."""
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from fastdpo import _ops
+from fastdpo._checks import check_logits_labels
+
+
+class SequenceLogps(NamedTuple):
+    logps: torch.Tensor  # (N,) fp32: sum (or mean) over unmasked positions of log p(label)
+    num_tokens: torch.Tensor  # (N,) int64: unmasked positions per sequence
+    token_logps: Optional[torch.Tensor] = None  # (N, T) fp32, aligned with labels; 0 where masked
+
+
+def _mean_scale(num_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / num_tokens, and 0 for a sequence without tokens (its mean is 0, never NaN)."""
+    return torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1).to(dtype), 0.0)
+
+
+class SequenceLogpsFunction(torch.autograd.Function):
+    """``(logits, labels, ignore_index, shift, average, inplace_backward) -> (logps, token_logps, num_tokens)``.
+
+    logits (N, T, V) float, labels (N, T) int. logps (N,) and token_logps (N, T) are differentiable; the
+    backward is one pass that writes dlogits from the saved log-sum-exp (nothing of size T x V is saved).
+    With ``inplace_backward`` the gradient is written into the logits' storage: the logits are clobbered.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False):
+        check_logits_labels(logits, labels, ignore_index)
+        row_logps, lse, _ = _ops.logps_forward(logits, labels, ignore_index, shift)
+        token_logps = _ops.rows_to_positions(row_logps, shift)
+        _, valid = _ops.row_labels(labels, ignore_index, shift)
+        num_tokens = valid.sum(1)
+        logps = token_logps.sum(1)
+        if average:
+            logps = logps * _mean_scale(num_tokens, logps.dtype)
+        ctx.mark_non_differentiable(num_tokens)
+        ctx.set_materialize_grads(False)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, labels, lse, num_tokens)
+        ctx.options = (ignore_index, shift, average, inplace_backward)
+        return logps, token_logps, num_tokens
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_token_logps, _grad_num_tokens):
+        logits, labels, lse, num_tokens = ctx.saved_tensors
+        ignore_index, shift, average, inplace = ctx.options
+        coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
+                                     average)
+        dlogits = _ops.logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace)
+        return dlogits, None, None, None, None, None
+
+
+def sequence_coef_to_rows(labels, num_tokens, grad_seq, grad_token, ignore_index, shift, average):
+    """d loss / d row-logp (N, T) from gradients of the per-sequence (N,) and per-token (N, T) outputs."""
+    N, T = labels.shape
+    coef = labels.new_zeros((N, T), dtype=torch.float32 if grad_seq is None else grad_seq.dtype)
+    if grad_seq is not None:
+        scale = _mean_scale(num_tokens, grad_seq.dtype) if average else 1.0
+        coef = coef + (grad_seq * scale)[:, None]
+    if grad_token is not None:
+        coef = coef + grad_token
+    _, valid = _ops.row_labels(labels, ignore_index, shift)
+    return torch.where(valid, _ops.positions_to_rows(coef, shift), 0.0)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,
+                   average: bool = False, return_token_logps: bool = False,
+                   inplace_backward: bool = False) -> SequenceLogps:
+    """Per-sequence log-probs of ``labels`` under ``logits``, in one pass over the logits.
+
+    Args:
+        logits: (N, T, V) float32, bfloat16 or float16 (float64 runs on the PyTorch path), any strides:
+            ``logits[:, :-1]`` is read in place, never copied.
+        labels: (N, T) int64 or int32; ``ignore_index`` marks prompt and padding positions.
+        shift: ``logits[:, t]`` scores ``labels[:, t + 1]`` (Hugging Face causal LM); False: aligned.
+        average: divide each sum by its token count (0 for a sequence with no tokens).
+        return_token_logps: also return the per-token log-probs (N, T), aligned with ``labels``.
+        inplace_backward: write the logits gradient into the logits' storage (they are clobbered).
+
+    Returns:
+        ``SequenceLogps(logps (N,) fp32, num_tokens (N,) int64, token_logps (N, T) fp32 or None)``.
+    """
+    logps, token_logps, num_tokens = SequenceLogpsFunction.apply(
+        logits, labels, ignore_index, shift, average, inplace_backward)
+    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None)

@@ -1,0 +1,167 @@
+"""Per-token log-probabilities of target tokens, fused: forward and backward Triton kernels.
+
+A *row* is one scoring position (n, t) of logits (N, T, V). With ``SHIFT``, row (n, t) scores
+``labels[n, t + 1]`` (the Hugging Face causal-LM convention) and the last position of each sequence
+scores nothing; without it, row (n, t) scores ``labels[n, t]``. A row is *valid* when its label exists
+and differs from ``ignore_index``.
+
+Forward, one read of each logit of a valid row (invalid rows read nothing):
+
+    m, s    = running max and running sum of exp(x - m) over vocabulary blocks  (online log-sum-exp)
+    lse     = m + log(s)
+    logp    = x[label] - lse          (NaN when label lies outside [0, V): never an out-of-bounds read)
+    sum_x   = sum_v x[v]              (optional, ``WITH_LOGIT_SUM``: the mean-logit metric of DPO trainers)
+
+Backward, one read of each logit of a row with non-zero coefficient and one write of every gradient:
+
+    dlogits[row, v] = coef[row] * (1[v == label] - exp(x[v] - lse[row]))
+
+``coef`` (one fp32 per row) carries everything upstream: the per-sequence gradient of the summed or
+averaged log-prob, a per-token gradient, or the DPO loss's own coefficient. Invalid rows have coef 0 and
+get a zero gradient without a read. The gradient is formed in fp32 and rounded once on store, so the
+target element (1 - p, where bf16 would cancel) is exact to the storage precision.
+
+Rows are tiled [BLOCK_T, BLOCK_V]: BLOCK_T > 1 only for small vocabularies, where one row per program
+would leave most lanes idle. Offsets of rows are int64 (16 x 2048 x 128256 logits already pass 2^31).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+# The largest tile, in elements, that one program holds: 32 fp32 values per thread at 8 warps.
+MAX_TILE = 8192
+MIN_BLOCK_V = 128
+
+
+def tile_config(vocab_size: int) -> dict:
+    """Block sizes and warps for a vocabulary: every configuration the dispatcher can choose lies in
+    ``all_tile_configs()`` (the AOT check compiles exactly those)."""
+    block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), MAX_TILE)
+    block_t = MAX_TILE // block_v
+    return _with_warps(block_t, block_v)
+
+
+def all_tile_configs() -> list:
+    out, block_v = [], MIN_BLOCK_V
+    while block_v <= MAX_TILE:
+        out.append(_with_warps(MAX_TILE // block_v, block_v))
+        block_v *= 2
+    return out
+
+
+def _with_warps(block_t: int, block_v: int) -> dict:
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8}
+
+
+@triton.jit
+def _row_coords(pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index,
+                BLOCK_T: tl.constexpr, SHIFT: tl.constexpr):
+    """Rows handled by program ``pid``: (sequence, position) indices, labels and validity."""
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_bounds = rows < n_rows
+    n = rows // T
+    t = rows % T
+    if SHIFT:
+        has_label = in_bounds & (t + 1 < T)
+        label_t = t + 1
+    else:
+        has_label = in_bounds
+        label_t = t
+    label = tl.load(labels_ptr + n * stride_ln + label_t * stride_lt, mask=has_label, other=0).to(tl.int64)
+    valid = has_label & (label != ignore_index)
+    return rows, in_bounds, n, t, label, valid
+
+
+@triton.jit
+def _sequence_logps_fwd_kernel(
+    # data ptrs
+    logits_ptr,  # (N, T, V) any float dtype, any strides
+    labels_ptr,  # (N, T) int64
+    token_logps_ptr,  # (N * T,) fp32 out: log p(label), 0 on invalid rows
+    lse_ptr,  # (N * T,) fp32 out: log-sum-exp, 0 on invalid rows
+    logit_sum_ptr,  # (N * T,) fp32 out, only with WITH_LOGIT_SUM: sum_v logits, 0 on invalid rows
+    # shapes
+    n_rows, T, V,
+    # strides
+    stride_xn, stride_xt, stride_xv,
+    stride_ln, stride_lt,
+    ignore_index,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SHIFT: tl.constexpr,
+    WITH_LOGIT_SUM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows, in_bounds, n, t, label, valid = _row_coords(
+        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, BLOCK_T, SHIFT)
+    row_ptr = logits_ptr + n * stride_xn + t * stride_xt  # (BLOCK_T,) int64 offsets
+
+    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_T,), tl.float32)
+    xsum = tl.zeros((BLOCK_T,), tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + cols
+        mask = valid[:, None] & (v < V)[None, :]
+        x = tl.load(row_ptr[:, None] + v[None, :] * stride_xv, mask=mask, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        # exp2(-inf) = 0 on the first block; a row that never saw a finite value keeps m = -inf.
+        alpha = tl.exp2((m - m_new) * LOG2E)
+        p = tl.exp2((x - m_new[:, None]) * LOG2E)
+        s = s * alpha + tl.sum(p, 1)
+        m = m_new
+        if WITH_LOGIT_SUM:
+            xsum += tl.sum(tl.where(mask, x, 0.0), 1)
+    lse = m + tl.log2(s) * LN2
+
+    label_ok = (label >= 0) & (label < V)
+    target = tl.load(row_ptr + tl.where(label_ok, label, 0) * stride_xv, mask=valid, other=0.0).to(tl.float32)
+    logp = tl.where(label_ok, target - lse, float("nan"))
+    tl.store(token_logps_ptr + rows, tl.where(valid, logp, 0.0), mask=in_bounds)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_bounds)
+    if WITH_LOGIT_SUM:
+        tl.store(logit_sum_ptr + rows, tl.where(valid, xsum, 0.0), mask=in_bounds)
+
+
+@triton.jit
+def _sequence_logps_bwd_kernel(
+    # data ptrs
+    logits_ptr,  # (N, T, V) any float dtype, any strides
+    labels_ptr,  # (N, T) int64
+    lse_ptr,  # (N * T,) fp32, from the forward
+    coef_ptr,  # (N * T,) fp32: d loss / d logp of each row, 0 on invalid rows
+    dlogits_ptr,  # (N, T, V) out, dtype of the logits; may alias logits_ptr (in-place backward)
+    # shapes
+    n_rows, T, V,
+    # strides
+    stride_xn, stride_xt, stride_xv,
+    stride_ln, stride_lt,
+    stride_gn, stride_gt, stride_gv,
+    ignore_index,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows, in_bounds, n, t, label, valid = _row_coords(
+        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, BLOCK_T, SHIFT)
+    coef = tl.load(coef_ptr + rows, mask=in_bounds, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=in_bounds, other=0.0)
+    read = valid & (coef != 0.0)
+    x_row = logits_ptr + n * stride_xn + t * stride_xt
+    g_row = dlogits_ptr + n * stride_gn + t * stride_gt
+    cols = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + cols
+        in_v = (v < V)[None, :]
+        x = tl.load(x_row[:, None] + v[None, :] * stride_xv, mask=read[:, None] & in_v, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32)
+        p = tl.exp2((x - lse[:, None]) * LOG2E)
+        onehot = (v[None, :] == label[:, None]).to(tl.float32)
+        g = tl.where(read[:, None], coef[:, None] * (onehot - p), 0.0)
+        tl.store(g_row[:, None] + v[None, :] * stride_gv, g.to(dlogits_ptr.dtype.element_ty),
+                 mask=in_bounds[:, None] & in_v)
