@@ -87,8 +87,8 @@ def _triton_forward(logits, labels, ignore_index, shift, with_logit_sum):
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
-            ignore_index,
-            SHIFT=shift, WITH_LOGIT_SUM=with_logit_sum, **cfg)
+            ignore_index, int(shift),
+            WITH_LOGIT_SUM=with_logit_sum, **cfg)
     return row_logps, lse, logit_sum
 
 
@@ -105,8 +105,8 @@ def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
             *logits.stride(),
             *labels.stride(),
             *out.stride(),
-            ignore_index,
-            SHIFT=shift, **cfg)
+            ignore_index, int(shift),
+            **cfg)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch

@@ -1,6 +1,6 @@
 """Per-token log-probabilities of target tokens, fused: forward and backward Triton kernels.
 
-A *row* is one scoring position (n, t) of logits (N, T, V). With ``SHIFT``, row (n, t) scores
+A *row* is one scoring position (n, t) of logits (N, T, V). With ``shift`` = 1, row (n, t) scores
 ``labels[n, t + 1]`` (the Hugging Face causal-LM convention) and the last position of each sequence
 scores nothing; without it, row (n, t) scores ``labels[n, t]``. A row is *valid* when its label exists
 and differs from ``ignore_index``.
@@ -28,48 +28,42 @@ would leave most lanes idle. Offsets of rows are int64 (16 x 2048 x 128256 logit
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
-# The largest tile, in elements, that one program holds: 32 fp32 values per thread at 8 warps.
-MAX_TILE = 8192
-MIN_BLOCK_V = 128
+# Vocabulary block of one program: 32 fp32 values per thread at 8 warps.
+MAX_BLOCK_V = 8192
+MIN_BLOCK_V = 256
+# Small vocabularies share a program between rows, up to this many elements: every element of a 2-D tile
+# carries its own 64-bit address, and 8192 of them spill registers (measured with the AOT check).
+MAX_TILE_2D = 2048
 
 
 def tile_config(vocab_size: int) -> dict:
     """Block sizes and warps for a vocabulary: every configuration the dispatcher can choose lies in
     ``all_tile_configs()`` (the AOT check compiles exactly those)."""
-    block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), MAX_TILE)
-    block_t = MAX_TILE // block_v
-    return _with_warps(block_t, block_v)
+    block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), MAX_BLOCK_V)
+    block_t = max(1, MAX_TILE_2D // block_v)
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8 if block_t * block_v >= 4096 else 4}
 
 
 def all_tile_configs() -> list:
     out, block_v = [], MIN_BLOCK_V
-    while block_v <= MAX_TILE:
-        out.append(_with_warps(MAX_TILE // block_v, block_v))
+    while block_v <= MAX_BLOCK_V:
+        out.append(tile_config(block_v))
         block_v *= 2
     return out
 
 
-def _with_warps(block_t: int, block_v: int) -> dict:
-    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8}
-
-
 @triton.jit
-def _row_coords(pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index,
-                BLOCK_T: tl.constexpr, SHIFT: tl.constexpr):
+def _row_coords(pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, shift, BLOCK_T: tl.constexpr):
     """Rows handled by program ``pid``: (sequence, position) indices, labels and validity."""
     rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_bounds = rows < n_rows
     n = rows // T
     t = rows % T
-    if SHIFT:
-        has_label = in_bounds & (t + 1 < T)
-        label_t = t + 1
-    else:
-        has_label = in_bounds
-        label_t = t
+    label_t = t + shift  # shift is 0 or 1
+    has_label = in_bounds & (label_t < T)
     label = tl.load(labels_ptr + n * stride_ln + label_t * stride_lt, mask=has_label, other=0).to(tl.int64)
     valid = has_label & (label != ignore_index)
     return rows, in_bounds, n, t, label, valid
@@ -89,14 +83,14 @@ def _sequence_logps_fwd_kernel(
     stride_xn, stride_xt, stride_xv,
     stride_ln, stride_lt,
     ignore_index,
+    shift,  # 0 or 1
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SHIFT: tl.constexpr,
     WITH_LOGIT_SUM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, in_bounds, n, t, label, valid = _row_coords(
-        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, BLOCK_T, SHIFT)
+        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, shift, BLOCK_T)
     row_ptr = logits_ptr + n * stride_xn + t * stride_xt  # (BLOCK_T,) int64 offsets
 
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
@@ -142,13 +136,13 @@ def _sequence_logps_bwd_kernel(
     stride_ln, stride_lt,
     stride_gn, stride_gt, stride_gv,
     ignore_index,
+    shift,  # 0 or 1
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SHIFT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, in_bounds, n, t, label, valid = _row_coords(
-        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, BLOCK_T, SHIFT)
+        pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, shift, BLOCK_T)
     coef = tl.load(coef_ptr + rows, mask=in_bounds, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=in_bounds, other=0.0)
     read = valid & (coef != 0.0)
