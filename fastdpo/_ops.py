@@ -44,12 +44,17 @@ def positions_to_rows(pos: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([pos[:, 1:], pos.new_zeros((pos.shape[0], min(1, pos.shape[1])))], dim=1)
 
 
+# Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``.
+MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1 = range(4)
+
+
 def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool,
-                  with_logit_sum: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (row_logps, lse, logit_sum or None), each (N, T); zeros on invalid rows."""
+                  with_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (row_logps (N, T), lse (N, T), stats (4, N, T) or None); zeros on invalid rows.
+    stats: mean logit, entropy, log sum p^2, is_top1 (1.0 when the label is the first argmax)."""
     if _backend.use_triton(logits):
-        return _triton_forward(logits, labels, ignore_index, shift, with_logit_sum)
-    return _torch_forward(logits, labels, ignore_index, shift, with_logit_sum)
+        return _triton_forward(logits, labels, ignore_index, shift, with_stats)
+    return _torch_forward(logits, labels, ignore_index, shift, with_stats)
 
 
 def logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
@@ -72,24 +77,24 @@ def _labels_i64(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
-def _triton_forward(logits, labels, ignore_index, shift, with_logit_sum):
+def _triton_forward(logits, labels, ignore_index, shift, with_stats):
     N, T, V = logits.shape
     labels = _labels_i64(labels)
     row_logps = torch.empty((N, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(row_logps)
-    logit_sum = torch.empty_like(row_logps) if with_logit_sum else None
+    stats = torch.empty((4, N, T), device=logits.device, dtype=torch.float32) if with_stats else None
     n_rows = N * T
     if n_rows:
         cfg = _k.tile_config(V)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
         _k._sequence_logps_fwd_kernel[grid](
-            logits, labels, row_logps, lse, logit_sum if with_logit_sum else row_logps,
+            logits, labels, row_logps, lse, stats if with_stats else row_logps,
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
             ignore_index, int(shift),
-            WITH_LOGIT_SUM=with_logit_sum, **cfg)
-    return row_logps, lse, logit_sum
+            WITH_STATS=with_stats, **cfg)
+    return row_logps, lse, stats
 
 
 def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
@@ -137,26 +142,34 @@ def _chunks(lo: int, hi: int, V: int):
         yield t0, min(hi, t0 + step)
 
 
-def _torch_forward(logits, labels, ignore_index, shift, with_logit_sum):
+def _torch_forward(logits, labels, ignore_index, shift, with_stats):
     N, T, V = logits.shape
     cdt = _compute_dtype(logits)
     rlab, valid = row_labels(labels, ignore_index, shift)
     row_logps = torch.zeros((N, T), dtype=cdt, device=logits.device)
     lse = torch.zeros_like(row_logps)
-    logit_sum = torch.zeros_like(row_logps) if with_logit_sum else None
+    stats = torch.zeros((4, N, T), dtype=cdt, device=logits.device) if with_stats else None
     for n, lo, hi in _spans(valid):
         for t0, t1 in _chunks(lo, hi, V):
             x = logits[n, t0:t1].to(cdt)  # (r, V): a copy of one chunk at most
             ok = valid[n, t0:t1]
             # max / exp / sum rather than torch.logsumexp: an inf logit gives NaN, as in the kernel
             m = x.amax(1)
-            lse_c = (x - m[:, None]).exp_().sum(1).log_().add_(m)
-            tgt = x.gather(1, torch.where(ok, rlab[n, t0:t1], 0)[:, None]).squeeze(1)
+            e = (x - m[:, None]).exp_()
+            s = e.sum(1)
+            lse_c = s.log().add_(m)
+            lab = torch.where(ok, rlab[n, t0:t1], 0)
+            tgt = x.gather(1, lab[:, None]).squeeze(1)
             row_logps[n, t0:t1] = torch.where(ok, tgt - lse_c, 0.0)
             lse[n, t0:t1] = torch.where(ok, lse_c, 0.0)
-            if with_logit_sum:
-                logit_sum[n, t0:t1] = torch.where(ok, x.sum(1), 0.0)
-    return row_logps, lse, logit_sum
+            if with_stats:
+                before = torch.arange(V, device=x.device)[None, :] < lab[:, None]
+                m_before = torch.where(before, x, float("-inf")).amax(1)
+                rows = (x.mean(1), lse_c - (e * x.masked_fill(x == float("-inf"), 0.0)).sum(1) / s, (e * e).sum(1).log() - 2 * s.log(),
+                        ((tgt >= m) & (tgt > m_before)).to(cdt))
+                for i, r in enumerate(rows):
+                    stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
+    return row_logps, lse, stats
 
 
 def _torch_backward(logits, labels, lse, coef, ignore_index, shift, out):

@@ -25,8 +25,8 @@ _DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 def _cases():
     from fastdpo.kernels import logps as k
 
-    for dtype, tile, with_sum in itertools.product(_DTYPES, k.all_tile_configs(), (True, False)):
-        yield ("logps_fwd", dtype, tile, {"WITH_LOGIT_SUM": with_sum})
+    for dtype, tile, with_stats in itertools.product(_DTYPES, k.all_tile_configs(), (True, False)):
+        yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
     for dtype, tile in itertools.product(_DTYPES, k.all_tile_configs()):
         yield ("logps_bwd", dtype, tile, {})
 
@@ -35,7 +35,7 @@ def _signature(kernel: str, dtype: str):
     x = _DTYPES[dtype]
     if kernel == "logps_fwd":
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "token_logps_ptr": "*fp32", "lse_ptr": "*fp32",
-                "logit_sum_ptr": "*fp32"}
+                "stats_ptr": "*fp32"}
         ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "ignore_index", "shift"]
     else:
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": x}

@@ -10,7 +10,13 @@ Forward, one read of each logit of a valid row (invalid rows read nothing):
     m, s    = running max and running sum of exp(x - m) over vocabulary blocks  (online log-sum-exp)
     lse     = m + log(s)
     logp    = x[label] - lse          (NaN when label lies outside [0, V): never an out-of-bounds read)
-    sum_x   = sum_v x[v]              (optional, ``WITH_LOGIT_SUM``: the mean-logit metric of DPO trainers)
+
+and with ``WITH_STATS`` the per-token statistics DPO trainers log, in the same pass (p = softmax(x)):
+
+    mean_logit       = sum_v x[v] / V
+    entropy          = lse - sum_v p[v] x[v]       (running sum of exp(x - m) * x, rescaled like s)
+    log_sum_sq_probs = log(sum_v p[v]^2)           (running sum of exp(2 (x - m)); WPO weighting)
+    is_top1          = label is the first argmax   (x[label] >= m and x[label] > max of x before label)
 
 Backward, one read of each logit of a row with non-zero coefficient and one write of every gradient:
 
@@ -76,7 +82,7 @@ def _sequence_logps_fwd_kernel(
     labels_ptr,  # (N, T) int64
     token_logps_ptr,  # (N * T,) fp32 out: log p(label), 0 on invalid rows
     lse_ptr,  # (N * T,) fp32 out: log-sum-exp, 0 on invalid rows
-    logit_sum_ptr,  # (N * T,) fp32 out, only with WITH_LOGIT_SUM: sum_v logits, 0 on invalid rows
+    stats_ptr,  # (4, N * T) fp32 out, only WITH_STATS: mean logit, entropy, log sum p^2, is_top1; 0 if invalid
     # shapes
     n_rows, T, V,
     # strides
@@ -86,7 +92,7 @@ def _sequence_logps_fwd_kernel(
     shift,  # 0 or 1
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    WITH_LOGIT_SUM: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, in_bounds, n, t, label, valid = _row_coords(
@@ -95,7 +101,11 @@ def _sequence_logps_fwd_kernel(
 
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_T,), tl.float32)
-    xsum = tl.zeros((BLOCK_T,), tl.float32)
+    if WITH_STATS:
+        xsum = tl.zeros((BLOCK_T,), tl.float32)
+        xp = tl.zeros((BLOCK_T,), tl.float32)
+        q = tl.zeros((BLOCK_T,), tl.float32)
+        m_before = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     cols = tl.arange(0, BLOCK_V)
     for v0 in range(0, V, BLOCK_V):
         v = v0 + cols
@@ -107,9 +117,13 @@ def _sequence_logps_fwd_kernel(
         alpha = tl.exp2((m - m_new) * LOG2E)
         p = tl.exp2((x - m_new[:, None]) * LOG2E)
         s = s * alpha + tl.sum(p, 1)
-        m = m_new
-        if WITH_LOGIT_SUM:
+        if WITH_STATS:
             xsum += tl.sum(tl.where(mask, x, 0.0), 1)
+            # p = 0 where x = -inf (masked lanes, padded vocabularies): p * x must be 0 there, not NaN
+            xp = xp * alpha + tl.sum(p * tl.where(x == float("-inf"), 0.0, x), 1)
+            q = q * alpha * alpha + tl.sum(p * p, 1)
+            m_before = tl.maximum(m_before, tl.max(tl.where(v[None, :] < label[:, None], x, float("-inf")), 1))
+        m = m_new
     lse = m + tl.log2(s) * LN2
 
     label_ok = (label >= 0) & (label < V)
@@ -117,8 +131,13 @@ def _sequence_logps_fwd_kernel(
     logp = tl.where(label_ok, target - lse, float("nan"))
     tl.store(token_logps_ptr + rows, tl.where(valid, logp, 0.0), mask=in_bounds)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_bounds)
-    if WITH_LOGIT_SUM:
-        tl.store(logit_sum_ptr + rows, tl.where(valid, xsum, 0.0), mask=in_bounds)
+    if WITH_STATS:
+        is_top1 = ((target >= m) & (target > m_before)).to(tl.float32)
+        tl.store(stats_ptr + rows, tl.where(valid, xsum / V, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + n_rows + rows, tl.where(valid, lse - xp / s, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + 2 * n_rows + rows, tl.where(valid, (tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0),
+                 mask=in_bounds)
+        tl.store(stats_ptr + 3 * n_rows + rows, tl.where(valid, is_top1, 0.0), mask=in_bounds)
 
 
 @triton.jit

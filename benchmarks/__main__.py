@@ -1,0 +1,163 @@
+"""fastdpo's benchmark suite: every op, every implementation, time and peak extra memory.
+
+    python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out FILE.json]
+
+Each case runs in a fresh process (``benchmarks.runner``). Prints a table as cases finish, writes the JSON
+(default ``benchmarks/results/<device>-<date>.json``) and PNG plots beside it.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from benchmarks import cases as C
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers", "trl", "liger_kernel", "fastdpo"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def run_case(case, repeats: int, timeout: int) -> dict:
+    why = C.unavailable(case)
+    if why:
+        return {**case, "skipped": why}
+    cmd = [sys.executable, "-m", "benchmarks.runner", json.dumps(case), "--repeats", str(repeats)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.pop("TRITON_INTERPRET", None)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**case, "skipped": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**case, "skipped": f"failed: {err[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(results):
+    """Speed-up and memory ratio of every row against naive on the same op, shape and dtype."""
+    key = lambda r: (r["op"], r["N"], r["T"], r["V"], r["dtype"])  # noqa: E731
+    naive = {key(r): r for r in results if r["impl"] == "naive" and "median_ms" in r}
+    for r in results:
+        base = naive.get(key(r))
+        if base and "median_ms" in r:
+            r["speedup_vs_naive"] = base["median_ms"] / r["median_ms"]
+            r["mem_ratio_vs_naive"] = r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1)
+
+
+def fmt_row(r) -> str:
+    name = r["impl"] + (f"[{r['variant']}]" if r.get("variant") else "")
+    shape = f"{r['N']}x{r['T']}x{r['V']}"
+    head = f"{r['op']:<19} {shape:<16} {r['dtype']:<9} {name:<26}"
+    if "skipped" in r:
+        return f"{head} skipped: {r['skipped']}"
+    extra = ""
+    if "speedup_vs_naive" in r:
+        extra = f" {r['speedup_vs_naive']:>6.2f}x {r['mem_ratio_vs_naive']:>6.2f}x"
+    return (f"{head} {r['median_ms']:>10.1f} {r['peak_mem_bytes'] / 2**20:>10.0f} "
+            f"{r['achieved_gbps']:>7.1f}{extra}")
+
+
+HEADER = (f"{'op':<19} {'shape NxTxV':<16} {'dtype':<9} {'impl':<26} {'median ms':>10} {'peak MiB':>10} "
+          f"{'GB/s':>7} {'speedup':>7} {'mem':>7}")
+
+
+def plot(results, path_prefix: str) -> list:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    ops = sorted({r["op"] for r in results})
+    for metric, label in (("median_ms", "median time (ms)"), ("peak_mem_bytes", "peak extra memory (MiB)")):
+        fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4), squeeze=False)
+        for ax, op in zip(axes[0], ops):
+            rows = [r for r in results if r["op"] == op and metric in r]
+            for impl in sorted({(r["impl"], r.get("variant", "")) for r in rows}):
+                pts = sorted((r["V"], r[metric] / (2**20 if metric == "peak_mem_bytes" else 1))
+                             for r in rows if (r["impl"], r.get("variant", "")) == impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=impl[0] + (f" [{impl[1]}]" if impl[1] else ""))
+            ax.set_title(op)
+            ax.set_xlabel("vocabulary size V")
+            ax.set_ylabel(label)
+            ax.set_xscale("log")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = f"{path_prefix}-{'time' if metric == 'median_ms' else 'memory'}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        paths.append(out)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="fastdpo benchmark suite")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one shape: under 3 minutes on 2 CPU cores")
+    mode.add_argument("--full", action="store_true", help="every vocabulary and dtype: for GPUs")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--timeout", type=int, default=600, help="seconds per case")
+    a = p.parse_args(argv)
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mode_name = "quick" if a.quick else "full" if a.full else "default"
+    repeats = a.repeats or (3 if device == "cpu" else 20)
+    cases = C.default_cases(device, mode_name)
+    date = datetime.date.today().isoformat()
+    out = a.out or os.path.join(HERE, "results", f"{device}-{date}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    dev = describe_device(device)
+    print(f"fastdpo benchmarks: {len(cases)} cases, mode {mode_name}, on {dev}", flush=True)
+    print(HEADER, flush=True)
+    results = []
+    for i, case in enumerate(cases, 1):
+        r = run_case(case, repeats, a.timeout)
+        results.append(r)
+        add_ratios(results)
+        print(f"{fmt_row(r)}   [{i}/{len(cases)}]", flush=True)
+    doc = {"device": dev, "device_type": device, "mode": mode_name, "versions": versions(), "date": date,
+           "byte_model": "forward: logits bytes; forward+backward: 3x logits bytes (read, read, write grad)",
+           "results": results}
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    pngs = plot(results, os.path.splitext(out)[0])
+    print(f"wrote {out}" + "".join(f", {q}" for q in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

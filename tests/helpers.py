@@ -1,0 +1,54 @@
+"""Float64 oracles and per-dtype tolerances shared by the tests."""
+
+import math
+import os
+
+import torch
+
+from fastdpo.naive import naive_sequence_logps, naive_token_logps
+
+EPS32 = torch.finfo(torch.float32).eps  # 2^-23
+
+# Relative rounding of one stored gradient element (round to nearest: half an ulp of the storage format).
+STORE_RTOL = {torch.float32: 2 * EPS32, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
+              torch.float64: 1e-12}
+
+
+def logp_tol(logits: torch.Tensor) -> float:
+    """Absolute error bound of one token's log-prob computed in fp32 from these (exactly representable)
+    logits: x[label] - lse, both of magnitude <= max|x| + log V, each within a few fp32 ulps after the
+    exp/sum/log chain (sum of V terms: a relative error of at most ~log2(V) ulps with tree reductions)."""
+    if logits.dtype == torch.float64:
+        return 1e-10
+    V = logits.shape[-1]
+    x = logits.detach().abs()
+    xmax = torch.where(torch.isfinite(x), x, 0).max().item() if logits.numel() else 0.0
+    return 8 * EPS32 * (xmax + math.log(V) + 1) * max(1.0, math.log2(V) / 4)
+
+
+def reference(logits, labels, *, ignore_index=-100, shift=True, average=False, grad_seq=None, grad_tok=None):
+    """Float64 (logps, token_logps, num_tokens, dlogits) of the textbook formula on the same logits."""
+    x = logits.detach().double().requires_grad_(True)
+    logps, num = naive_sequence_logps(x, labels, ignore_index=ignore_index, shift=shift, average=average,
+                                      dtype=torch.float64)
+    tok, _ = naive_token_logps(x, labels, ignore_index=ignore_index, shift=shift, dtype=torch.float64)
+    loss = logps.new_zeros(())
+    if grad_seq is not None:
+        loss = loss + (logps * grad_seq.double()).sum()
+    if grad_tok is not None:
+        loss = loss + (tok * grad_tok.double()).sum()
+    grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+    return logps.detach(), tok.detach(), num, grad
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor, coef_max: float):
+    """Gradient elements: fp32 compute error of coef * (onehot - p), then one rounding to the logits' dtype."""
+    atol = coef_max * 2 * logp_tol(logits) + 1e-30
+    if logits.dtype == torch.float16:
+        atol += 2.0 ** -24  # fp16 subnormal spacing: tiny probabilities keep no relative precision
+    rtol = STORE_RTOL[logits.dtype]
+    if logits.dtype == torch.bfloat16 and os.environ.get("FASTDPO_BACKEND") == "triton":
+        # Triton 3.9's interpreter casts fp32 -> bf16 by truncation (even with rounding="rtne"): up to a
+        # whole ulp. A GPU's cvt.rn.bf16.f32 rounds to nearest, within half an ulp.
+        rtol = 2.0 ** -7
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
