@@ -1,7 +1,10 @@
 """fastdpo: fused Triton kernels for DPO losses."""
 
+from fastdpo.dpo import DPOLoss, DPOLossOutput, FusedDPOLossFunction, dpo_loss
 from fastdpo.logps import SequenceLogps, SequenceLogpsFunction, sequence_logps
+from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
 
 __version__ = "0.1.0"
 
-__all__ = ["SequenceLogps", "SequenceLogpsFunction", "sequence_logps"]
+__all__ = ["DPOLoss", "DPOLossConfig", "DPOLossOutput", "FusedDPOLossFunction", "LOSS_TYPES", "SequenceLogps",
+           "SequenceLogpsFunction", "dpo_loss", "dpo_loss_from_logps", "sequence_logps"]

@@ -1,0 +1,250 @@
+"""The DPO loss head: every pair's loss and each sequence's gradient coefficient, in one launch.
+
+Inputs are per-sequence numbers (B pairs); the output coefficients dL/d logp feed the fused logits backward
+(``kernels/logps.py``). The formulas are those of ``fastdpo/losses.py`` (TRL 1.16), differentiated by hand:
+with c = pi_c - ref_c, r = pi_r - ref_r, scores s = f(c), f(r) and their derivatives f', d = s_c - s_r,
+z = beta * d, logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)):
+
+    sigmoid      L = -logsig(z)                              dL/dd = -beta sig(-z)
+    hinge        L = relu(1 - z)                             dL/dd = -beta [1 - z > 0]
+    ipo          L = D^2, D = s_c/n_c - s_r/n_r - 1/(2 beta)  dL/ds_c = 2D/n_c, dL/ds_r = -2D/n_r
+    exo_pair     L = sig(z)(logsig(z) - log(1-e)) + sig(-z)(logsig(-z) - log e)
+                                                             dL/dd = beta sig(z) sig(-z) (z - log(1-e) + log e)
+    robust       L = (-(1-e) logsig(z) + e logsig(-z)) / (1-2e)
+                                                             dL/dd = beta (-(1-e) sig(-z) - e sig(z)) / (1-2e)
+    discopop     L = -logsig(z)(1-m) + exp(-z) m, m = sig(z/tau), m' = m(1-m)/tau
+                                                             dL/dz = -sig(-z)(1-m) + logsig(z) m' - exp(-z)(m - m')
+    sigmoid_norm L = -logsig(beta D'), D' = s_c/n_c - s_r/n_r
+    nca_pair, bco_pair, sppo_hard, apo_zero, apo_down: functions of beta c and beta r directly
+    aot, aot_unpaired: smoothed sigmoid of beta * (sorted a - sorted b); the sort and each sequence's rank
+        come from torch, the kernel gathers its delta by rank (the ranks are a permutation, so the sum of
+        the per-pair losses is the loss)
+    simpo        L = smoothed sigmoid of z = beta (pi_c/n_c - pi_r/n_r) - gamma (no reference)
+    sft, nll     -sum(chosen log-probs) / sum(chosen tokens): one scalar, the same coefficient everywhere
+
+Each type is weighted by ``loss_weights[t]`` (0: off; a NaN of an unused formula never leaks: selected away
+with ``where``), each pair by its WPO weight, and averaged over pairs. One program walks all pairs in a fixed
+order: the sums are deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Order of the ``loss_weights`` vector: fastdpo.losses.LOSS_TYPES.
+MAX_BLOCK_B = 1024
+NUM_WARPS = 4
+
+
+def block_b(num_pairs: int) -> int:
+    return min(max(triton.next_power_of_2(max(num_pairs, 1)), 16), MAX_BLOCK_B)
+
+
+def all_block_sizes() -> list:
+    out, b = [], 16
+    while b <= MAX_BLOCK_B:
+        out.append(b)
+        b *= 2
+    return out
+
+
+@triton.jit
+def _log1p_small(u):
+    """log(1 + u) for u in [0, 1], accurate where 1 + u rounds to 1 (libdevice's log1p does not run in the
+    interpreter)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+
+
+@triton.jit
+def _logsig(x):
+    return tl.minimum(x, 0.0) - _log1p_small(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _smoothed(z, eps):
+    """-(1 - eps) logsig(z) - eps logsig(-z) and its derivative in z."""
+    loss = -(1.0 - eps) * _logsig(z) - eps * _logsig(-z)
+    grad = -(1.0 - eps) * tl.sigmoid(-z) + eps * tl.sigmoid(z)
+    return loss, grad
+
+
+@triton.jit
+def _f_divergence(x, f_div, inv_am1, am1):
+    """Score f(x) and f'(x): 0 reverse_kl, 1 forward_kl, 2 js_divergence, 3 alpha_divergence."""
+    e = tl.exp(-x)
+    t = am1 * x
+    tc = tl.minimum(t, 80.0)
+    et = tl.exp(tc)
+    score = tl.where(f_div == 0, x, tl.where(f_div == 1, 1.0 - e, tl.where(f_div == 2, LN2 + _logsig(x),
+                                                                         (et - 1.0) * inv_am1)))
+    deriv = tl.where(f_div == 0, 1.0, tl.where(f_div == 1, e, tl.where(f_div == 2, tl.sigmoid(-x),
+                                                                     tl.where(t <= 80.0, et, 0.0))))
+    return score, deriv
+
+
+@triton.jit
+def _dpo_loss_head_kernel(
+    # per-pair inputs, (B,) fp32
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
+    chosen_tokens_ptr, rejected_tokens_ptr, chosen_sums_ptr, pair_weights_ptr,
+    aot_delta_ptr, aot_rank_ptr,  # aot: sorted(pi_c - pi_r) - sorted(ref_c - ref_r), rank of each pair (int64)
+    aotu_delta_ptr, aotu_rank_c_ptr, aotu_rank_r_ptr,  # aot_unpaired: sorted(c) - sorted(r), ranks
+    loss_weights_ptr,  # (16,) fp32 in LOSS_TYPES order; 0 = off
+    # outputs
+    loss_ptr,  # (1,) fp32
+    grad_chosen_ptr, grad_rejected_ptr,  # (B,) fp32: dL / d pi_c, dL / d pi_r
+    grad_chosen_sums_ptr,  # (B,) fp32: dL / d (unweighted chosen log-prob sums): sft and nll
+    # scalars
+    B, beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha,
+    BLOCK_B: tl.constexpr,
+):
+    offs0 = tl.arange(0, BLOCK_B)
+    # pass 1: the batch totals the token-level terms need
+    n_tot = tl.zeros((BLOCK_B,), tl.float32)
+    s_tot = tl.zeros((BLOCK_B,), tl.float32)
+    w_tot = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs = b0 + offs0
+        m = offs < B
+        n_tot += tl.load(chosen_tokens_ptr + offs, mask=m, other=0.0)
+        s_tot += tl.load(chosen_sums_ptr + offs, mask=m, other=0.0)
+        w_tot += tl.load(pair_weights_ptr + offs, mask=m, other=0.0)
+    N = tl.sum(n_tot, 0)
+    S = tl.sum(s_tot, 0)
+    W = tl.sum(w_tot, 0)
+    w_sft = tl.load(loss_weights_ptr + 13)
+    # sft: L = -S / N for every pair, times its WPO weight, averaged: -S / N * W / B
+    sft_scale = tl.where(w_sft != 0.0, w_sft * W / B, 0.0)
+    has_token_terms = (sft_scale != 0.0) | (nll_alpha != 0.0)
+    token_loss = tl.where(has_token_terms, (sft_scale + nll_alpha) * (-S / N), 0.0)
+    token_grad = tl.where(has_token_terms, -(sft_scale + nll_alpha) / N, 0.0)
+
+    w0 = tl.load(loss_weights_ptr + 0)
+    w1 = tl.load(loss_weights_ptr + 1)
+    w2 = tl.load(loss_weights_ptr + 2)
+    w3 = tl.load(loss_weights_ptr + 3)
+    w4 = tl.load(loss_weights_ptr + 4)
+    w5 = tl.load(loss_weights_ptr + 5)
+    w6 = tl.load(loss_weights_ptr + 6)
+    w7 = tl.load(loss_weights_ptr + 7)
+    w8 = tl.load(loss_weights_ptr + 8)
+    w9 = tl.load(loss_weights_ptr + 9)
+    w10 = tl.load(loss_weights_ptr + 10)
+    w11 = tl.load(loss_weights_ptr + 11)
+    w12 = tl.load(loss_weights_ptr + 12)
+    w14 = tl.load(loss_weights_ptr + 14)
+    w15 = tl.load(loss_weights_ptr + 15)
+
+    acc = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs = b0 + offs0
+        m = offs < B
+        pc = tl.load(chosen_ptr + offs, mask=m, other=0.0)
+        pr = tl.load(rejected_ptr + offs, mask=m, other=0.0)
+        c = pc - tl.load(ref_chosen_ptr + offs, mask=m, other=0.0)
+        r = pr - tl.load(ref_rejected_ptr + offs, mask=m, other=0.0)
+        nc = tl.maximum(tl.load(chosen_tokens_ptr + offs, mask=m, other=1.0), 1.0)
+        nr = tl.maximum(tl.load(rejected_tokens_ptr + offs, mask=m, other=1.0), 1.0)
+        sc, dsc = _f_divergence(c, f_div, inv_am1, am1)
+        sr, dsr = _f_divergence(r, f_div, inv_am1, am1)
+        z = beta * (sc - sr)
+        sig_pos = tl.sigmoid(z)
+        sig_neg = tl.sigmoid(-z)
+        ls_pos = _logsig(z)
+        ls_neg = _logsig(-z)
+        loss = tl.zeros((BLOCK_B,), tl.float32)
+        gd = tl.zeros((BLOCK_B,), tl.float32)  # dL/dd, d = s_c - s_r
+        gsc = tl.zeros((BLOCK_B,), tl.float32)  # dL/ds_c beyond gd
+        gsr = tl.zeros((BLOCK_B,), tl.float32)
+        gc = tl.zeros((BLOCK_B,), tl.float32)  # dL/dpi_c beyond the score terms
+        gr = tl.zeros((BLOCK_B,), tl.float32)
+
+        # sigmoid
+        loss += tl.where(w0 != 0.0, w0 * -ls_pos, 0.0)
+        gd += tl.where(w0 != 0.0, w0 * -beta * sig_neg, 0.0)
+        # hinge
+        loss += tl.where(w1 != 0.0, w1 * tl.maximum(1.0 - z, 0.0), 0.0)
+        gd += tl.where(w1 != 0.0, tl.where(1.0 - z > 0.0, -w1 * beta, 0.0), 0.0)
+        # ipo
+        D = sc / nc - sr / nr - 0.5 / beta
+        loss += tl.where(w2 != 0.0, w2 * D * D, 0.0)
+        gsc += tl.where(w2 != 0.0, w2 * 2.0 * D / nc, 0.0)
+        gsr += tl.where(w2 != 0.0, -w2 * 2.0 * D / nr, 0.0)
+        # exo_pair
+        loss += tl.where(w3 != 0.0, w3 * (sig_pos * (ls_pos - exo_log_keep) + sig_neg * (ls_neg - exo_log_eps)), 0.0)
+        gd += tl.where(w3 != 0.0, w3 * beta * sig_pos * sig_neg * (z - exo_log_keep + exo_log_eps), 0.0)
+        # nca_pair
+        bc = beta * c
+        br = beta * r
+        loss += tl.where(w4 != 0.0, w4 * (-_logsig(bc) - 0.5 * _logsig(-bc) - 0.5 * _logsig(-br)), 0.0)
+        gc += tl.where(w4 != 0.0, w4 * beta * (-tl.sigmoid(-bc) + 0.5 * tl.sigmoid(bc)), 0.0)
+        gr += tl.where(w4 != 0.0, w4 * beta * 0.5 * tl.sigmoid(br), 0.0)
+        # robust
+        loss += tl.where(w5 != 0.0, w5 * (-(1.0 - eps) * ls_pos + eps * ls_neg) / (1.0 - 2.0 * eps), 0.0)
+        gd += tl.where(w5 != 0.0, w5 * beta * (-(1.0 - eps) * sig_neg - eps * sig_pos) / (1.0 - 2.0 * eps), 0.0)
+        # bco_pair
+        loss += tl.where(w6 != 0.0, w6 * (-_logsig(bc) - _logsig(-br)), 0.0)
+        gc += tl.where(w6 != 0.0, -w6 * beta * tl.sigmoid(-bc), 0.0)
+        gr += tl.where(w6 != 0.0, w6 * beta * tl.sigmoid(br), 0.0)
+        # sppo_hard
+        ec = c - 0.5 / beta
+        er = r + 0.5 / beta
+        loss += tl.where(w7 != 0.0, w7 * (ec * ec + er * er), 0.0)
+        gc += tl.where(w7 != 0.0, w7 * 2.0 * ec, 0.0)
+        gr += tl.where(w7 != 0.0, w7 * 2.0 * er, 0.0)
+        # aot: delta at this pair's rank of pi_c - pi_r
+        if_aot = m & ((tl.zeros((BLOCK_B,), tl.float32) + w8) != 0.0)  # a lane mask, not a scalar
+        rank = tl.load(aot_rank_ptr + offs, mask=if_aot, other=0)
+        la, ga = _smoothed(beta * tl.load(aot_delta_ptr + rank, mask=if_aot, other=0.0), eps)
+        loss += tl.where(if_aot, w8 * la, 0.0)
+        gc += tl.where(if_aot, w8 * beta * ga, 0.0)
+        gr += tl.where(if_aot, -w8 * beta * ga, 0.0)
+        # aot_unpaired: chosen at its rank of c, rejected at its rank of r
+        if_aotu = m & ((tl.zeros((BLOCK_B,), tl.float32) + w9) != 0.0)
+        rank_c = tl.load(aotu_rank_c_ptr + offs, mask=if_aotu, other=0)
+        rank_r = tl.load(aotu_rank_r_ptr + offs, mask=if_aotu, other=0)
+        lu, gu = _smoothed(beta * tl.load(aotu_delta_ptr + rank_c, mask=if_aotu, other=0.0), eps)
+        _, gu_r = _smoothed(beta * tl.load(aotu_delta_ptr + rank_r, mask=if_aotu, other=0.0), eps)
+        loss += tl.where(if_aotu, w9 * lu, 0.0)
+        gc += tl.where(if_aotu, w9 * beta * gu, 0.0)
+        gr += tl.where(if_aotu, -w9 * beta * gu_r, 0.0)
+        # apo_zero
+        sbc = tl.sigmoid(bc)
+        sbr = tl.sigmoid(br)
+        loss += tl.where(w10 != 0.0, w10 * (1.0 - sbc + sbr), 0.0)
+        gc += tl.where(w10 != 0.0, -w10 * beta * sbc * (1.0 - sbc), 0.0)
+        gr += tl.where(w10 != 0.0, w10 * beta * sbr * (1.0 - sbr), 0.0)
+        # apo_down
+        su = tl.sigmoid(beta * (c - r))
+        loss += tl.where(w11 != 0.0, w11 * (sbc + 1.0 - su), 0.0)
+        gc += tl.where(w11 != 0.0, w11 * beta * (sbc * (1.0 - sbc) - su * (1.0 - su)), 0.0)
+        gr += tl.where(w11 != 0.0, w11 * beta * su * (1.0 - su), 0.0)
+        # discopop
+        mod = tl.sigmoid(z / tau)
+        dmod = mod * (1.0 - mod) / tau
+        ez = tl.exp(-z)
+        loss += tl.where(w12 != 0.0, w12 * (-ls_pos * (1.0 - mod) + ez * mod), 0.0)
+        gd += tl.where(w12 != 0.0, w12 * beta * (-sig_neg * (1.0 - mod) + ls_pos * dmod - ez * (mod - dmod)), 0.0)
+        # sigmoid_norm
+        zn = beta * (sc / nc - sr / nr)
+        gn = -beta * tl.sigmoid(-zn)
+        loss += tl.where(w14 != 0.0, w14 * -_logsig(zn), 0.0)
+        gsc += tl.where(w14 != 0.0, w14 * gn / nc, 0.0)
+        gsr += tl.where(w14 != 0.0, -w14 * gn / nr, 0.0)
+        # simpo (reference-free)
+        lsim, gsim = _smoothed(beta * (pc / nc - pr / nr) - gamma, eps)
+        loss += tl.where(w15 != 0.0, w15 * lsim, 0.0)
+        gc += tl.where(w15 != 0.0, w15 * beta * gsim / nc, 0.0)
+        gr += tl.where(w15 != 0.0, -w15 * beta * gsim / nr, 0.0)
+
+        scale = tl.load(pair_weights_ptr + offs, mask=m, other=0.0) / B  # WPO weight, mean over pairs
+        acc += tl.where(m, loss * scale, 0.0)
+        grad_c = ((gd + gsc) * dsc + gc) * scale
+        grad_r = ((gsr - gd) * dsr + gr) * scale
+        tl.store(grad_chosen_ptr + offs, grad_c, mask=m)
+        tl.store(grad_rejected_ptr + offs, grad_r, mask=m)
+        tl.store(grad_chosen_sums_ptr + offs, tl.zeros((BLOCK_B,), tl.float32) + token_grad, mask=m)
+    total = tl.sum(acc, 0) + token_loss
+    tl.store(loss_ptr, total)
