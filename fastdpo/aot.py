@@ -5,7 +5,8 @@
 Prints one line per (kernel, configuration, architecture): registers, spill bytes and shared memory, read
 from the bundled ``ptxas -v`` on the generated PTX. Exits non-zero on any compile error or spill.
 
-Configurations: logits dtype x tile (``kernels.logps.all_tile_configs``) x flags. Launch-time
+Configurations: logits dtype x tile (``kernels.logps.all_tile_configs``) x flags for the log-prob kernels,
+every pair block size for the DPO loss head (``kernels.dpo_loss.all_block_sizes``). Launch-time
 specialisations are mirrored: pointers 16-byte aligned, the vocabulary stride equal to 1 (contiguous last
 dimension, the case every model produces). Must run without ``TRITON_INTERPRET``.
 """
@@ -29,10 +30,24 @@ def _cases():
         yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
     for dtype, tile in itertools.product(_DTYPES, k.all_tile_configs()):
         yield ("logps_bwd", dtype, tile, {})
+    from fastdpo.kernels import dpo_loss as d
+
+    for block_b in d.all_block_sizes():  # per-sequence numbers are fp32 whatever the logits' dtype
+        yield ("dpo_head", "fp32", {"BLOCK_B": block_b, "num_warps": d.NUM_WARPS}, {})
 
 
 def _signature(kernel: str, dtype: str):
     x = _DTYPES[dtype]
+    if kernel == "dpo_head":
+        ptrs = {name: "*fp32" for name in ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr",
+                                            "chosen_tokens_ptr", "rejected_tokens_ptr", "chosen_sums_ptr",
+                                            "pair_weights_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_weights_ptr",
+                                            "loss_ptr", "grad_chosen_ptr", "grad_rejected_ptr",
+                                            "grad_chosen_sums_ptr")}
+        ptrs.update({name: "*i64" for name in ("aot_rank_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr")})
+        return ptrs, {"B": "i32", "f_div": "i32", "beta": "fp32", "eps": "fp32", "exo_log_keep": "fp32",
+                      "exo_log_eps": "fp32", "inv_am1": "fp32", "am1": "fp32", "tau": "fp32", "gamma": "fp32",
+                      "nll_alpha": "fp32"}
     if kernel == "logps_fwd":
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "token_logps_ptr": "*fp32", "lse_ptr": "*fp32",
                 "stats_ptr": "*fp32"}
@@ -41,7 +56,7 @@ def _signature(kernel: str, dtype: str):
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": x}
         ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "stride_gn", "stride_gt",
                 "ignore_index", "shift"]
-    return ptrs, ints
+    return ptrs, {name: "i32" for name in ints}
 
 
 def compile_one(case, arch: int) -> dict:
@@ -53,11 +68,17 @@ def compile_one(case, arch: int) -> dict:
     from fastdpo.kernels import logps as k
 
     kernel, dtype, tile, flags = case
-    fn = {"logps_fwd": k._sequence_logps_fwd_kernel, "logps_bwd": k._sequence_logps_bwd_kernel}[kernel]
+    from fastdpo.kernels import dpo_loss as d
+
+    fn = {"logps_fwd": k._sequence_logps_fwd_kernel, "logps_bwd": k._sequence_logps_bwd_kernel,
+          "dpo_head": d._dpo_loss_head_kernel}[kernel]
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @heuristics / @autotune, if any
         fn = fn.fn
     ptrs, ints = _signature(kernel, dtype)
-    constexprs = {"BLOCK_T": tile["BLOCK_T"], "BLOCK_V": tile["BLOCK_V"], "stride_xv": 1, **flags}
+    constexprs = {key: val for key, val in tile.items() if key != "num_warps"}
+    constexprs.update(flags)
+    if kernel != "dpo_head":
+        constexprs["stride_xv"] = 1
     if kernel == "logps_bwd":
         constexprs["stride_gv"] = 1
     signature = {}
@@ -67,8 +88,7 @@ def compile_one(case, arch: int) -> dict:
         elif name in ptrs:
             signature[name] = ptrs[name]
         else:
-            assert name in ints, name
-            signature[name] = "i32"
+            signature[name] = ints[name]
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in ptrs}
     row = {"kernel": kernel, "dtype": dtype, "config": {**tile, **flags}, "arch": f"sm_{arch}"}
     try:

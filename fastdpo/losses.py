@@ -171,7 +171,8 @@ def pair_losses(loss_type: str, cfg: DPOLossConfig, chosen_logps, rejected_logps
     if loss_type == "discopop":
         z = beta * delta
         modulation = torch.sigmoid(z / cfg.discopop_tau)
-        return -logsig(z) * (1 - modulation) + torch.exp(-z) * modulation
+        # exp(-z) * modulation, in log space: for z << 0 exp(-z) overflows fp32 while the product is finite
+        return -logsig(z) * (1 - modulation) + torch.exp(-z + logsig(z / cfg.discopop_tau))
     if loss_type == "sft":  # token-level mean NLL of the chosen completions, the same for every pair
         return (-chosen_sums.sum() / chosen_tokens.sum()).expand_as(chosen_logps)
     if loss_type == "sigmoid_norm":

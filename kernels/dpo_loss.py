@@ -12,7 +12,7 @@ z = beta * d, logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)):
                                                              dL/dd = beta sig(z) sig(-z) (z - log(1-e) + log e)
     robust       L = (-(1-e) logsig(z) + e logsig(-z)) / (1-2e)
                                                              dL/dd = beta (-(1-e) sig(-z) - e sig(z)) / (1-2e)
-    discopop     L = -logsig(z)(1-m) + exp(-z) m, m = sig(z/tau), m' = m(1-m)/tau
+    discopop     L = -logsig(z)(1-m) + exp(-z) m, m = sig(z/tau), m' = m(1-m)/tau, exp(-z) m = exp(-z + logsig(z/tau))
                                                              dL/dz = -sig(-z)(1-m) + logsig(z) m' - exp(-z)(m - m')
     sigmoid_norm L = -logsig(beta D'), D' = s_c/n_c - s_r/n_r
     nca_pair, bco_pair, sppo_hard, apo_zero, apo_down: functions of beta c and beta r directly
@@ -33,7 +33,8 @@ import triton.language as tl
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Order of the ``loss_weights`` vector: fastdpo.losses.LOSS_TYPES.
-MAX_BLOCK_B = 1024
+# Each pair carries ~40 live fp32 intermediates: 256 pairs per 4 warps spill (AOT check); more pairs loop.
+MAX_BLOCK_B = 128
 NUM_WARPS = 4
 
 
@@ -224,9 +225,11 @@ def _dpo_loss_head_kernel(
         # discopop
         mod = tl.sigmoid(z / tau)
         dmod = mod * (1.0 - mod) / tau
-        ez = tl.exp(-z)
-        loss += tl.where(w12 != 0.0, w12 * (-ls_pos * (1.0 - mod) + ez * mod), 0.0)
-        gd += tl.where(w12 != 0.0, w12 * beta * (-sig_neg * (1.0 - mod) + ls_pos * dmod - ez * (mod - dmod)), 0.0)
+        ez_mod = tl.exp(-z + _logsig(z / tau))  # exp(-z) * m without overflowing exp(-z) for z << 0
+        loss += tl.where(w12 != 0.0, w12 * (-ls_pos * (1.0 - mod) + ez_mod), 0.0)
+        # exp(-z) (m - m') = exp(-z) m (1 - (1 - m) / tau)
+        gd += tl.where(w12 != 0.0, w12 * beta * (-sig_neg * (1.0 - mod) + ls_pos * dmod
+                                                  - ez_mod * (1.0 - (1.0 - mod) / tau)), 0.0)
         # sigmoid_norm
         zn = beta * (sc / nc - sr / nr)
         gn = -beta * tl.sigmoid(-zn)
