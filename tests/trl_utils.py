@@ -1,0 +1,60 @@
+"""A tiny random causal LM, an in-memory tokenizer and a preference dataset: TRL without the hub."""
+
+import copy
+
+import torch
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # random heads give near-uniform logits; spread them so losses are not all ~log 2
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def preference_dataset(n: int = 16, seed: int = 0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def sentence(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g))
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(n):
+        rows["prompt"].append(sentence(2, 6))
+        rows["chosen"].append(" " + sentence(2, 9))
+        rows["rejected"].append(" " + sentence(2, 9))
+    return Dataset.from_dict(rows)
+
+
+def dpo_trainer(tmp_path, model=None, **config):
+    from trl import DPOConfig, DPOTrainer
+
+    tok = tiny_tokenizer()
+    model = model if model is not None else tiny_llama(len(tok))
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                     logging_steps=1, save_strategy="no", seed=0, **config)
+    return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=preference_dataset(),
+                      processing_class=tok)
