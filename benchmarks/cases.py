@@ -6,8 +6,9 @@ zero-argument callable that runs the op once (forward, or forward + backward) on
 
 import torch
 
-OPS = ("sequence_logps_fwd", "sequence_logps")
+OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss")
 IMPLS = ("naive", "trl", "fastdpo")
+IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "fastdpo")}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +47,43 @@ def _trl_logps(logits, labels):
     return _masked_sum(tok, labels)
 
 
+def _naive_dpo(logits, labels, ref_c, ref_r, beta=0.1):
+    """TRL 0.x-style: log_softmax of the full logits, gather, mask, sum; the sigmoid loss; the metrics TRL logs
+    (rewards and the mean logit of the completion tokens)."""
+    from fastdpo.naive import naive_token_logps
+
+    tok, mask = naive_token_logps(logits, labels)
+    logps = tok.sum(-1)
+    B = logps.shape[0] // 2
+    chosen_rewards = beta * (logps[:B] - ref_c)
+    rejected_rewards = beta * (logps[B:] - ref_r)
+    loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    with torch.no_grad():
+        rows = torch.nn.functional.pad(mask[:, 1:], (0, 1))
+        metrics = (chosen_rewards.mean(), rejected_rewards.mean(), logits.detach()[rows].float().mean())
+    return loss, metrics
+
+
 def build(case):
     logits, labels = make_inputs(case)
     impl, backward = case["impl"], case["op"] != "sequence_logps_fwd"
-    if impl == "naive":
+    if case["op"] == "dpo_loss":
+        B = logits.shape[0] // 2
+        ref_c = torch.full((B,), -200.0, device=logits.device)
+        ref_r = torch.full((B,), -210.0, device=logits.device)
+        if impl == "naive":
+            def fn(x):
+                return _naive_dpo(x, labels, ref_c, ref_r)[0]
+        elif impl == "fastdpo":
+            import fastdpo
+
+            inplace = case.get("variant") == "inplace_backward"
+
+            def fn(x):
+                return fastdpo.dpo_loss(x, labels, ref_c, ref_r, beta=0.1, inplace_backward=inplace).loss
+        else:
+            raise ValueError(f"no {impl!r} implementation of dpo_loss")
+    elif impl == "naive":
         from fastdpo.naive import naive_sequence_logps
 
         def fn(x):
@@ -109,10 +143,10 @@ def default_cases(device: str, mode: str):
     for N, T, V in shapes:
         for dtype in dtypes:
             for op in OPS:
-                for impl in IMPLS:
+                for impl in IMPLS_BY_OP[op]:
                     cases.append({"op": op, "impl": impl, "N": N, "T": T, "V": V, "dtype": dtype,
                                   "device": device, "variant": ""})
-                if op == "sequence_logps":
+                if op != "sequence_logps_fwd":
                     cases.append({"op": op, "impl": "fastdpo", "N": N, "T": T, "V": V, "dtype": dtype,
                                   "device": device, "variant": "inplace_backward"})
     return cases

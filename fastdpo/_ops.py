@@ -154,7 +154,7 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats):
             x = logits[n, t0:t1].to(cdt)  # (r, V): a copy of one chunk at most
             ok = valid[n, t0:t1]
             # max / exp / sum rather than torch.logsumexp: an inf logit gives NaN, as in the kernel
-            m = x.amax(1)
+            m, argmax = x.max(1)  # argmax: the first maximal index, as is_top1 needs
             e = (x - m[:, None]).exp_()
             s = e.sum(1)
             lse_c = s.log().add_(m)
@@ -163,10 +163,11 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats):
             row_logps[n, t0:t1] = torch.where(ok, tgt - lse_c, 0.0)
             lse[n, t0:t1] = torch.where(ok, lse_c, 0.0)
             if with_stats:
-                before = torch.arange(V, device=x.device)[None, :] < lab[:, None]
-                m_before = torch.where(before, x, float("-inf")).amax(1)
-                rows = (x.mean(1), lse_c - (e * x.masked_fill(x == float("-inf"), 0.0)).sum(1) / s, (e * e).sum(1).log() - 2 * s.log(),
-                        ((tgt >= m) & (tgt > m_before)).to(cdt))
+                ex = torch.linalg.vecdot(e, x)
+                if torch.isnan(ex).any():  # e = 0 where x = -inf (a padded vocabulary): p * x must be 0 there
+                    ex = torch.linalg.vecdot(e, x.masked_fill(x == float("-inf"), 0.0))
+                rows = (x.sum(1) / V, lse_c - ex / s, torch.linalg.vecdot(e, e).log() - 2 * s.log(),
+                        (argmax == lab).to(cdt))
                 for i, r in enumerate(rows):
                     stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
     return row_logps, lse, stats
