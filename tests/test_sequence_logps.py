@@ -279,3 +279,14 @@ def test_forward_stats(backend):
     torch.testing.assert_close(stats[:3].double(), ref[:3], rtol=1e-5, atol=1e-5)
     assert torch.equal(stats[3].double(), ref[3]) and stats[3].sum() >= 2
     assert torch.isfinite(stats).all()
+
+
+def test_is_top1_ties_take_the_first_index(backend):
+    """A label tied with an earlier maximum is not top-1 (argmax returns the first maximum), as in TRL."""
+    logits = torch.zeros(1, 4, 50)
+    logits[0, 0, [3, 9]] = 5.0  # row 0 scores label 1 (shift): a tie between index 3 and 9
+    logits[0, 1, [3, 9]] = 5.0
+    logits[0, 2, 7] = 5.0
+    labels = torch.tensor([[0, 9, 3, 7]])
+    _, _, stats = _ops.logps_forward(logits, labels, -100, True, with_stats=True)
+    assert stats[_ops.IS_TOP1, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
