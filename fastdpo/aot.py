@@ -41,11 +41,11 @@ def _signature(kernel: str, dtype: str):
     if kernel == "dpo_head":
         ptrs = {name: "*fp32" for name in ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr",
                                             "chosen_tokens_ptr", "rejected_tokens_ptr", "chosen_sums_ptr",
-                                            "pair_weights_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_weights_ptr",
+                                            "pair_weights_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_weights_ptr", "totals_ptr",
                                             "loss_ptr", "grad_chosen_ptr", "grad_rejected_ptr",
                                             "grad_chosen_sums_ptr")}
         ptrs.update({name: "*i64" for name in ("aot_rank_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr")})
-        return ptrs, {"B": "i32", "f_div": "i32", "beta": "fp32", "eps": "fp32", "exo_log_keep": "fp32",
+        return ptrs, {"B": "i32", "num_pairs": "i32", "f_div": "i32", "beta": "fp32", "eps": "fp32", "exo_log_keep": "fp32",
                       "exo_log_eps": "fp32", "inv_am1": "fp32", "am1": "fp32", "tau": "fp32", "gamma": "fp32",
                       "nll_alpha": "fp32"}
     if kernel == "logps_fwd":

@@ -33,16 +33,20 @@ class DPOLossOutput:
 
 
 def loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums,
-              pair_weights, cfg: DPOLossConfig):
-    """(loss, dL/d chosen, dL/d rejected, dL/d chosen_sums), all from per-sequence (B,) tensors."""
+              pair_weights, cfg: DPOLossConfig, num_pairs=None, total_chosen_tokens=None):
+    """(loss, dL/d chosen, dL/d rejected, dL/d chosen_sums), all from per-sequence (B,) tensors. With
+    ``num_pairs`` and ``total_chosen_tokens`` these pairs are a part of a batch: the loss is their share."""
+    if total_chosen_tokens is None:
+        total_chosen_tokens = chosen_tokens.sum()
     if _backend.use_triton(chosen):
         return _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
-                                 chosen_sums, pair_weights, cfg)
+                                 chosen_sums, pair_weights, cfg, num_pairs or chosen.numel(), total_chosen_tokens)
     leaves = [t.detach().requires_grad_(True) for t in (chosen, rejected, chosen_sums)]
     with torch.enable_grad():
         loss = dpo_loss_from_logps(leaves[0], leaves[1], ref_chosen, ref_rejected, chosen_tokens=chosen_tokens,
                                    rejected_tokens=rejected_tokens, chosen_sums=leaves[2],
-                                   pair_weights=pair_weights, config=cfg)
+                                   pair_weights=pair_weights, num_pairs=num_pairs,
+                                   total_chosen_tokens=total_chosen_tokens, config=cfg)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
     return (loss.detach(), *grads)
@@ -57,7 +61,7 @@ def _ranks(values: torch.Tensor):
 
 
 def _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums,
-                      pair_weights, cfg: DPOLossConfig):
+                      pair_weights, cfg: DPOLossConfig, num_pairs: int, total_chosen_tokens):
     B = chosen.numel()
     f32 = dict(dtype=torch.float32, device=chosen.device)
     weights = torch.zeros(len(LOSS_TYPES), **f32)
@@ -73,6 +77,7 @@ def _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens,
         a, aotu_rank_c = _ranks(chosen - ref_chosen)
         b, aotu_rank_r = _ranks(rejected - ref_rejected)
         aotu_delta = a - b
+    totals = torch.stack([total_chosen_tokens.to(torch.float32), pair_weights.sum().to(torch.float32)])
     loss = torch.empty(1, **f32)
     grads = [torch.empty(B, **f32) for _ in range(3)]
     eps = cfg.label_smoothing
@@ -82,9 +87,9 @@ def _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens,
         f_div = 0  # the alpha -> 1 limit is reverse KL (as TRL)
     _k._dpo_loss_head_kernel[(1,)](
         chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums, pair_weights,
-        aot_delta, aot_rank, aotu_delta, aotu_rank_c, aotu_rank_r, weights,
+        aot_delta, aot_rank, aotu_delta, aotu_rank_c, aotu_rank_r, weights, totals,
         loss, *grads,
-        B, float(cfg.beta), float(eps), math.log1p(-eps), math.log(eps) if eps > 0 else 0.0, f_div,
+        B, num_pairs, float(cfg.beta), float(eps), math.log1p(-eps), math.log(eps) if eps > 0 else 0.0, f_div,
         1.0 / (a - 1.0) if f_div == 3 else 0.0, a - 1.0, float(cfg.discopop_tau), float(cfg.simpo_gamma),
         float(cfg.nll_alpha),
         BLOCK_B=_k.block_b(B), num_warps=_k.NUM_WARPS)
@@ -210,6 +215,11 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
         raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
     loss, logps, num_tokens, seq_stats = FusedDPOLossFunction.apply(
         logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward)
+    return dpo_output(config, loss, logps, num_tokens, seq_stats, ref_chosen_logps, ref_rejected_logps)
+
+
+def dpo_output(config, loss, logps, num_tokens, seq_stats, ref_chosen_logps, ref_rejected_logps) -> DPOLossOutput:
+    """Rewards and TRL's metrics from what the fused Functions return (no host sync)."""
     B = logps.shape[0] // 2
     chosen, rejected = logps[:B], logps[B:]
     zeros = torch.zeros_like(chosen)

@@ -1,6 +1,6 @@
 """Per-sequence summed (or averaged) log-probs of target tokens: the op every fastdpo loss stands on."""
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
@@ -12,6 +12,7 @@ class SequenceLogps(NamedTuple):
     logps: torch.Tensor  # (N,) fp32: sum (or mean) over unmasked positions of log p(label)
     num_tokens: torch.Tensor  # (N,) int64: unmasked positions per sequence
     token_logps: Optional[torch.Tensor] = None  # (N, T) fp32, aligned with labels; 0 where masked
+    token_stats: Optional[Dict[str, torch.Tensor]] = None  # (N, T) each: entropy, mean_logits, ... (on request)
 
 
 def _mean_scale(num_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

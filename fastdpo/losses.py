@@ -28,8 +28,6 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # TRL 1.16: only the loss types built on the chosen-rejected score difference take another f-divergence.
 F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 LABEL_SMOOTHING_LOSS_TYPES = {"robust", "exo_pair", "aot", "aot_unpaired", "simpo"}
-# Loss types that read per-sequence token counts (length normalisation, token-level means).
-NEEDS_TOKEN_COUNTS = {"ipo", "sigmoid_norm", "simpo", "sft"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +105,13 @@ class DPOLossConfig:
             raise ValueError(f"nll_alpha must be >= 0, got {self.nll_alpha}")
 
 
+def pair_local(cfg: DPOLossConfig) -> bool:
+    """Whether each pair's gradient follows from its own log-probs and the batch's pair and chosen-token counts
+    alone: true but for the aot types (a sort over the batch) and WPO with sft (the batch's mean weight)."""
+    types = set(cfg.loss_types)
+    return not types & {"aot", "aot_unpaired"} and not (cfg.use_weighting and "sft" in types)
+
+
 def f_divergence_scores(logratios: torch.Tensor, cfg: DPOLossConfig) -> torch.Tensor:
     """f'(exp(logratio)) of the f-DPO paper, as TRL 1.16 computes it."""
     kind = cfg.f_divergence_type
@@ -173,8 +178,6 @@ def pair_losses(loss_type: str, cfg: DPOLossConfig, chosen_logps, rejected_logps
         modulation = torch.sigmoid(z / cfg.discopop_tau)
         # exp(-z) * modulation, in log space: for z << 0 exp(-z) overflows fp32 while the product is finite
         return -logsig(z) * (1 - modulation) + torch.exp(-z + logsig(z / cfg.discopop_tau))
-    if loss_type == "sft":  # token-level mean NLL of the chosen completions, the same for every pair
-        return (-chosen_sums.sum() / chosen_tokens.sum()).expand_as(chosen_logps)
     if loss_type == "sigmoid_norm":
         return -logsig(beta * (chosen_scores / nc - rejected_scores / nr))
     if loss_type == "simpo":  # reference-free: length-averaged policy log-probs and a margin gamma
@@ -183,9 +186,16 @@ def pair_losses(loss_type: str, cfg: DPOLossConfig, chosen_logps, rejected_logps
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def token_nll(chosen_sums, total_chosen_tokens) -> torch.Tensor:
+    """Token-level mean NLL of the chosen completions: TRL's ``sft`` loss (the same for every pair, so its mean
+    over pairs is itself) and RPO's NLL term."""
+    return -chosen_sums.sum() / total_chosen_tokens
+
+
 def dpo_loss_from_logps(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                         chosen_tokens=None, rejected_tokens=None, chosen_sums=None, pair_weights=None,
-                        config: Optional[DPOLossConfig] = None, **options) -> torch.Tensor:
+                        num_pairs=None, total_chosen_tokens=None, config: Optional[DPOLossConfig] = None,
+                        **options) -> torch.Tensor:
     """The DPO loss (a scalar) from per-sequence log-probs (B,): the specification every path is held to.
 
     Args:
@@ -196,6 +206,8 @@ def dpo_loss_from_logps(chosen_logps, rejected_logps, ref_chosen_logps=None, ref
             nll_alpha.
         chosen_sums: chosen log-probs without LD-DPO weighting (default: ``chosen_logps``).
         pair_weights: WPO weights (B,), detached (``use_weighting``); None: 1.
+        num_pairs, total_chosen_tokens: the batch's pair count and chosen token count when these pairs are a
+            part of it (the loss is then this part's share of the batch loss; default: these pairs are all).
         config / options: a ``DPOLossConfig`` or its fields as keywords.
     """
     cfg = config if config is not None else DPOLossConfig(**options)
@@ -207,13 +219,19 @@ def dpo_loss_from_logps(chosen_logps, rejected_logps, ref_chosen_logps=None, ref
     ones = torch.ones_like(chosen_logps)
     chosen_tokens = ones if chosen_tokens is None else chosen_tokens.to(chosen_logps.dtype)
     rejected_tokens = ones if rejected_tokens is None else rejected_tokens.to(chosen_logps.dtype)
+    num_pairs = chosen_logps.shape[0] if num_pairs is None else num_pairs
+    total_chosen_tokens = chosen_tokens.sum() if total_chosen_tokens is None else total_chosen_tokens
     loss = chosen_logps.new_zeros(())
+    token_weight = cfg.nll_alpha
     for loss_type, weight in zip(cfg.loss_types, cfg.weights):
+        if loss_type == "sft":  # per pair: the token-level NLL times the pair's WPO weight; mean over pairs
+            token_weight = token_weight + weight * (1.0 if pair_weights is None else pair_weights.mean())
+            continue
         per_pair = pair_losses(loss_type, cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                chosen_tokens, rejected_tokens, chosen_sums)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
-        loss = loss + per_pair.mean() * weight
-    if cfg.nll_alpha:
-        loss = loss + cfg.nll_alpha * (-chosen_sums.sum() / chosen_tokens.sum())
+        loss = loss + per_pair.sum() / num_pairs * weight
+    if token_weight:
+        loss = loss + token_weight * token_nll(chosen_sums, total_chosen_tokens)
     return loss

@@ -22,6 +22,9 @@ z = beta * d, logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)):
     simpo        L = smoothed sigmoid of z = beta (pi_c/n_c - pi_r/n_r) - gamma (no reference)
     sft, nll     -sum(chosen log-probs) / sum(chosen tokens): one scalar, the same coefficient everywhere
 
+The pairs of one call may be a part of the batch (the fused-linear path processes pairs in groups): the
+mean divides by ``num_pairs`` and the token terms by the batch's chosen token count (``totals``).
+
 Each type is weighted by ``loss_weights[t]`` (0: off; a NaN of an unused formula never leaks: selected away
 with ``where``), each pair by its WPO weight, and averaged over pairs. One program walks all pairs in a fixed
 order: the sums are deterministic.
@@ -93,34 +96,25 @@ def _dpo_loss_head_kernel(
     aot_delta_ptr, aot_rank_ptr,  # aot: sorted(pi_c - pi_r) - sorted(ref_c - ref_r), rank of each pair (int64)
     aotu_delta_ptr, aotu_rank_c_ptr, aotu_rank_r_ptr,  # aot_unpaired: sorted(c) - sorted(r), ranks
     loss_weights_ptr,  # (16,) fp32 in LOSS_TYPES order; 0 = off
+    totals_ptr,  # (2,) fp32: the batch's chosen token count and sum of WPO weights (these pairs may be a part)
     # outputs
     loss_ptr,  # (1,) fp32
     grad_chosen_ptr, grad_rejected_ptr,  # (B,) fp32: dL / d pi_c, dL / d pi_r
     grad_chosen_sums_ptr,  # (B,) fp32: dL / d (unweighted chosen log-prob sums): sft and nll
     # scalars
-    B, beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha,
+    B,  # pairs in this call
+    num_pairs,  # pairs in the batch (the mean's divisor; B unless these pairs are a part of it)
+    beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha,
     BLOCK_B: tl.constexpr,
 ):
     offs0 = tl.arange(0, BLOCK_B)
-    # pass 1: the batch totals the token-level terms need
-    n_tot = tl.zeros((BLOCK_B,), tl.float32)
-    s_tot = tl.zeros((BLOCK_B,), tl.float32)
-    w_tot = tl.zeros((BLOCK_B,), tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs = b0 + offs0
-        m = offs < B
-        n_tot += tl.load(chosen_tokens_ptr + offs, mask=m, other=0.0)
-        s_tot += tl.load(chosen_sums_ptr + offs, mask=m, other=0.0)
-        w_tot += tl.load(pair_weights_ptr + offs, mask=m, other=0.0)
-    N = tl.sum(n_tot, 0)
-    S = tl.sum(s_tot, 0)
-    W = tl.sum(w_tot, 0)
+    N = tl.load(totals_ptr)
+    W = tl.load(totals_ptr + 1)
     w_sft = tl.load(loss_weights_ptr + 13)
-    # sft: L = -S / N for every pair, times its WPO weight, averaged: -S / N * W / B
-    sft_scale = tl.where(w_sft != 0.0, w_sft * W / B, 0.0)
-    has_token_terms = (sft_scale != 0.0) | (nll_alpha != 0.0)
-    token_loss = tl.where(has_token_terms, (sft_scale + nll_alpha) * (-S / N), 0.0)
-    token_grad = tl.where(has_token_terms, -(sft_scale + nll_alpha) / N, 0.0)
+    # sft: L = -S / N for every pair, times its WPO weight, averaged over pairs: -S / N * W / num_pairs
+    token_w = tl.where(w_sft != 0.0, w_sft * W / num_pairs, 0.0) + nll_alpha
+    has_token_terms = token_w != 0.0
+    token_grad = tl.where(has_token_terms, -token_w / N, 0.0)
 
     w0 = tl.load(loss_weights_ptr + 0)
     w1 = tl.load(loss_weights_ptr + 1)
@@ -139,6 +133,7 @@ def _dpo_loss_head_kernel(
     w15 = tl.load(loss_weights_ptr + 15)
 
     acc = tl.zeros((BLOCK_B,), tl.float32)
+    s_acc = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs = b0 + offs0
         m = offs < B
@@ -242,12 +237,13 @@ def _dpo_loss_head_kernel(
         gc += tl.where(w15 != 0.0, w15 * beta * gsim / nc, 0.0)
         gr += tl.where(w15 != 0.0, -w15 * beta * gsim / nr, 0.0)
 
-        scale = tl.load(pair_weights_ptr + offs, mask=m, other=0.0) / B  # WPO weight, mean over pairs
+        s_acc += tl.load(chosen_sums_ptr + offs, mask=m, other=0.0)
+        scale = tl.load(pair_weights_ptr + offs, mask=m, other=0.0) / num_pairs  # WPO weight, mean over pairs
         acc += tl.where(m, loss * scale, 0.0)
         grad_c = ((gd + gsc) * dsc + gc) * scale
         grad_r = ((gsr - gd) * dsr + gr) * scale
         tl.store(grad_chosen_ptr + offs, grad_c, mask=m)
         tl.store(grad_rejected_ptr + offs, grad_r, mask=m)
         tl.store(grad_chosen_sums_ptr + offs, tl.zeros((BLOCK_B,), tl.float32) + token_grad, mask=m)
-    total = tl.sum(acc, 0) + token_loss
-    tl.store(loss_ptr, total)
+    token_loss = tl.where(has_token_terms, token_w * (-tl.sum(s_acc, 0) / N), 0.0)
+    tl.store(loss_ptr, tl.sum(acc, 0) + token_loss)

@@ -1,0 +1,421 @@
+"""Fused linear: per-sequence log-probs and the DPO loss from hidden states and the LM head, never building
+the logits of more than one chunk of tokens.
+
+Only completion tokens go through the LM head: prompt and padding rows cost no GEMM (a host sync per call
+counts them, and the pair grouping reads the per-pair counts). Each chunk of rows: logits = transform(h @ W.T + b) -> the log-prob kernel (log-sum-exp,
+target, per-token stats) -> later, the fused backward kernel turns the same buffer into dlogits in place.
+
+GEMM count, in M x H x V GEMM-equivalents (M completion tokens):
+- ``linear_sequence_logps``: 1 forward; 3 backward (recompute the chunk's logits, grad hidden, grad weight):
+  4. The upstream gradient of each sequence is only known in backward, and keeping the logits is what this
+  op avoids.
+- ``linear_dpo_loss``: the loss is known in forward, so forward does the backward work too and backward only
+  scales by grad_output. Grouped mode (chunks hold whole pairs; every loss type but aot / aot_unpaired, and
+  WPO with sft): each chunk's pairs get their coefficients as soon as their log-probs are in, and the
+  gradient GEMMs use the logits still in the buffer: 3, the minimum (naive autograd needs 3 as well).
+  Two-pass mode (those losses, or a pair longer than the chunk budget, e.g. T = 32k): all log-probs first,
+  then recompute and gradients: 4. The mode is chosen per call.
+
+Memory beyond the inputs and their gradients: one logits chunk (``chunk_bytes``, default 256 MiB; twice that
+with softcapping, whose backward needs the forward values), O(M) per-token numbers, and an fp32 accumulator for
+the weight (and bias) gradient when the weight is not fp32: the weight gradient is accumulated in fp32.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastdpo import _ops
+from fastdpo._checks import LABEL_DTYPES
+from fastdpo.dpo import DPOLossOutput, _ld_token_weights, _reference, dpo_output, loss_head
+from fastdpo.logps import SequenceLogps, _mean_scale
+from fastdpo.losses import DPOLossConfig, pair_local
+
+DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
+_NO_LABEL = -1  # rows handed to the kernels all hold a real target: nothing matches this
+
+
+@dataclass(frozen=True)
+class LogitOptions:
+    """``logits = softcap * tanh(h @ W.T * logit_scale / softcap) / temperature`` (TRL's order; no softcap when
+    ``softcap`` is None). Gemma uses ``softcap`` (final_logit_softcapping), Cohere ``logit_scale``."""
+
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
+
+    @property
+    def identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+
+def _check_linear(hidden, weight, labels, bias, ignore_index):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D (N, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
+        raise TypeError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[2]}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must have shape (N, T) = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},)")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V = weight.shape[0]
+    if labels.device.type == "cpu" and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels hold values outside [0, {V}) other than ignore_index={ignore_index}")
+
+
+class _Head:
+    """The LM head applied chunk by chunk to selected rows of the hidden states."""
+
+    def __init__(self, hidden, weight, bias, opts: LogitOptions, chunk_bytes: int):
+        self.H = hidden.shape[2]
+        self.V = weight.shape[0]
+        self.cdt = torch.promote_types(hidden.dtype, weight.dtype)  # an fp32 LM head computes in fp32
+        self.h = hidden.reshape(-1, self.H)
+        self.w = weight.to(self.cdt)
+        self.b = None if bias is None else bias.to(self.cdt)
+        self.opts = opts
+        per_row = self.V * torch.empty((), dtype=self.cdt).element_size() * (1 if opts.softcap is None else 2)
+        self.chunk_rows = max(1, chunk_bytes // per_row)
+
+    def logits(self, idx):
+        """(m, V) logits of the rows ``idx`` (flat indices into N * T), transformed in place."""
+        h = self.h.index_select(0, idx).to(self.cdt)
+        z = h @ self.w.t() if self.b is None else torch.addmm(self.b, h, self.w.t())
+        o = self.opts
+        if not o.identity:
+            if o.logit_scale != 1.0:
+                z.mul_(o.logit_scale)
+            if o.softcap is not None:
+                z.div_(o.softcap).tanh_().mul_(o.softcap)
+            if o.temperature != 1.0:
+                z.div_(o.temperature)
+        return h, z
+
+    def forward_rows(self, z, targets, with_stats):
+        rows, lse, stats = _ops.logps_forward(z[None], targets[None], _NO_LABEL, False, with_stats)
+        return rows[0], lse[0], None if stats is None else stats[:, 0]
+
+    def backward_rows(self, z, targets, lse, coef):
+        """dlogits of the rows before the transform (in z's buffer unless softcapping keeps z)."""
+        o = self.opts
+        keep = o.softcap is not None  # the chain rule through tanh needs the forward values
+        dz = _ops.logps_backward(z[None], targets[None], lse[None], coef[None], _NO_LABEL, False,
+                                 inplace=not keep)[0]
+        if not o.identity:
+            scale = o.logit_scale / o.temperature
+            if keep:  # z = c tanh(u) / T: dz/du-chain = (1 - tanh^2) = 1 - (z T / c)^2
+                t = z.mul_(o.temperature / o.softcap)
+                dz.mul_(t.mul_(t).neg_().add_(1.0))
+            if scale != 1.0:
+                dz.mul_(scale)
+        return dz
+
+    def accumulate(self, idx, h, dz, grads):
+        """grads = [grad_h_flat, grad_w (fp32 unless fp64), grad_b or None]: rows idx get dz @ W; W and b
+        accumulate."""
+        grad_h, grad_w, grad_b = grads
+        grad_h.index_copy_(0, idx, (dz @ self.w).to(grad_h.dtype))
+        if grad_w.dtype == dz.dtype:
+            grad_w.addmm_(dz.t(), h)
+        else:  # one GEMM in the compute dtype, accumulated across chunks in fp32
+            grad_w.add_(dz.t() @ h)
+        if grad_b is not None:
+            grad_b.add_(dz.sum(0))
+
+
+def _completion_rows(labels, ignore_index, shift, pair_major: bool):
+    """Flat row indices (M,) of the rows that score a completion token, their targets (M,), and the
+    (N, T) validity of rows. ``pair_major``: ordered pair by pair (chosen i, then rejected i)."""
+    rlab, valid = _ops.row_labels(labels, ignore_index, shift)
+    N, T = labels.shape
+    order = torch.arange(N * T, device=labels.device)
+    if pair_major:
+        order = order.view(2, N // 2, T).transpose(0, 1).reshape(-1)
+    idx = order[valid.reshape(-1)[order]]  # boolean indexing: the one host sync of a call
+    return idx, rlab.reshape(-1)[idx], valid
+
+
+class LinearSequenceLogpsFunction(torch.autograd.Function):
+    """``(hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, with_stats)
+    -> (logps (N,), token_logps (N, T), num_tokens (N,), stats (4, N, T))``; logps and token_logps are
+    differentiable with respect to hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, with_stats):
+        _check_linear(hidden, weight, labels, bias, ignore_index)
+        N, T, _ = hidden.shape
+        head = _Head(hidden, weight, bias, opts, chunk_bytes)
+        idx, targets, valid = _completion_rows(labels, ignore_index, shift, pair_major=False)
+        cdt = torch.float64 if head.cdt == torch.float64 else torch.float32
+        row_logps = torch.zeros(N * T, dtype=cdt, device=hidden.device)
+        lse = torch.zeros(idx.numel(), dtype=cdt, device=hidden.device)
+        stats = torch.zeros(4, N * T, dtype=cdt, device=hidden.device) if with_stats else None
+        for r0 in range(0, idx.numel(), head.chunk_rows):
+            sl = slice(r0, r0 + head.chunk_rows)
+            _, z = head.logits(idx[sl])
+            rl, lse[sl], st = head.forward_rows(z, targets[sl], with_stats)
+            row_logps[idx[sl]] = rl
+            if with_stats:
+                stats[:, idx[sl]] = st
+        token_logps = _ops.rows_to_positions(row_logps.view(N, T), shift)
+        num_tokens = valid.sum(1)
+        logps = token_logps.sum(1)
+        if average:
+            logps = logps * _mean_scale(num_tokens, logps.dtype)
+        stats = (_ops.rows_to_positions(stats.view(4 * N, T), shift).view(4, N, T) if with_stats
+                 else torch.zeros(0, device=hidden.device))
+        ctx.mark_non_differentiable(num_tokens, stats)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, labels, idx, targets, lse, num_tokens)
+        ctx.options = (ignore_index, shift, average, opts, chunk_bytes)
+        return logps, token_logps, num_tokens, stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_token_logps, *_):
+        from fastdpo.logps import sequence_coef_to_rows
+
+        hidden, weight, bias, labels, idx, targets, lse, num_tokens = ctx.saved_tensors
+        ignore_index, shift, average, opts, chunk_bytes = ctx.options
+        coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
+                                     average).reshape(-1)[idx]
+        grads = _grad_buffers(hidden, weight, bias)
+        head = _Head(hidden, weight, bias, opts, chunk_bytes)
+        for r0 in range(0, idx.numel(), head.chunk_rows):
+            sl = slice(r0, r0 + head.chunk_rows)
+            h, z = head.logits(idx[sl])
+            head.accumulate(idx[sl], h, head.backward_rows(z, targets[sl], lse[sl], coef[sl]), grads)
+        return (*_finish_grads(grads, hidden, weight, bias), None, None, None, None, None, None, None)
+
+
+def _grad_buffers(hidden, weight, bias):
+    N, T, H = hidden.shape
+    grad_h = torch.zeros(N * T, H, dtype=hidden.dtype, device=hidden.device)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
+                         device=weight.device)
+    grad_b = None if bias is None else torch.zeros(bias.shape, dtype=grad_w.dtype, device=bias.device)
+    return [grad_h, grad_w, grad_b]
+
+
+def _finish_grads(grads, hidden, weight, bias):
+    grad_h, grad_w, grad_b = grads
+    return (grad_h.view(hidden.shape), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype))
+
+
+def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100, shift: bool = True,
+                          average: bool = False, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                          temperature: float = 1.0, return_token_logps: bool = False,
+                          return_token_stats: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> SequenceLogps:
+    """``sequence_logps(transform(hidden @ weight.T + bias), labels)`` without building the logits.
+
+    Args:
+        hidden: (N, T, H); weight: (V, H) (the LM head, tied embeddings included); bias: (V,) or None.
+        logit_scale, softcap, temperature: see ``LogitOptions``.
+        return_token_stats: also return ``token_stats``, per-token (N, T) ``entropy``, ``mean_logits``,
+            ``log_sum_sq_probs`` and ``is_top1`` (TRL's fused LM head outputs; not differentiable).
+        chunk_bytes: the logits buffer of one chunk of tokens.
+    """
+    opts = LogitOptions(logit_scale, softcap, temperature)
+    logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(
+        hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, return_token_stats)
+    token_stats = None
+    if return_token_stats:
+        token_stats = {"mean_logits": stats[_ops.MEAN_LOGIT], "entropy": stats[_ops.ENTROPY],
+                       "log_sum_sq_probs": stats[_ops.LOG_SUM_SQ_PROBS], "is_top1": stats[_ops.IS_TOP1] > 0}
+    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None, token_stats)
+
+
+class LinearDPOLossFunction(torch.autograd.Function):
+    """``(hidden, weight, bias, labels, ref_chosen, ref_rejected, config, ignore_index, shift, opts,
+    chunk_bytes) -> (loss, logps (2B,), num_tokens (2B,), seq_stats (4, 2B))``. Forward computes the
+    gradients too (see the module docstring); backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index,
+                shift, opts, chunk_bytes):
+        _check_linear(hidden, weight, labels, bias, ignore_index)
+        if not isinstance(config, DPOLossConfig):
+            raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
+        N, T, _ = hidden.shape
+        if N % 2:
+            raise ValueError(f"hidden must hold 2B rows (chosen [0, B), rejected [B, 2B)), got {N} rows")
+        B = N // 2
+        if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+        head = _Head(hidden, weight, bias, opts, chunk_bytes)
+        dev = hidden.device
+        cdt = torch.float64 if head.cdt == torch.float64 else torch.float32
+        like = torch.empty(0, dtype=cdt, device=dev)
+        if ref_chosen_logps is None:
+            ref = torch.zeros(N, dtype=cdt, device=dev)
+        else:
+            ref = torch.cat([_reference(ref_chosen_logps, "ref_chosen_logps", B, like),
+                             _reference(ref_rejected_logps, "ref_rejected_logps", B, like)])
+
+        idx, targets, valid_rows = _completion_rows(labels, ignore_index, shift, pair_major=True)
+        valid_pos = _ops.rows_to_positions(valid_rows, shift)
+        num_tokens = valid_pos.sum(1)
+        counts = num_tokens.to(cdt)
+        total_chosen = counts[:B].sum()
+        token_w = None
+        if config.ld_alpha is not None:
+            token_w = _ops.positions_to_rows(_ld_token_weights(valid_pos, config.ld_alpha), shift).reshape(-1)
+        seq_of_row = idx // T  # the sequence of each completion row
+        row_logps = torch.zeros(N * T, dtype=cdt, device=dev)
+        lse = torch.zeros(idx.numel(), dtype=cdt, device=dev)
+        stats = torch.zeros(4, N * T, dtype=cdt, device=dev)
+        want_grad = any(ctx.needs_input_grad[:3])
+        grads = _grad_buffers(hidden, weight, bias) if want_grad else None
+
+        def seq_numbers(seqs):
+            """Per-sequence (logps, unweighted sums, WPO sums of log sum p^2) of the sequences ``seqs``."""
+            rows = row_logps.view(N, T)[seqs]
+            sums = rows.sum(1)
+            logps = (rows * token_w.view(N, T)[seqs]).sum(1) if token_w is not None else sums
+            return logps, sums, stats[_ops.LOG_SUM_SQ_PROBS].view(N, T)[seqs].sum(1)
+
+        def head_on_pairs(pairs):
+            """Loss share and per-sequence coefficients of the pairs ``pairs`` (a slice of [0, B))."""
+            seqs = torch.cat([torch.arange(pairs.start, pairs.stop, device=dev),
+                              torch.arange(B + pairs.start, B + pairs.stop, device=dev)])
+            logps, sums, lss = seq_numbers(seqs)
+            P = pairs.stop - pairs.start
+            pair_w = torch.ones(P, dtype=cdt, device=dev)
+            if config.use_weighting:
+                w = torch.exp((sums - lss) / counts[seqs].clamp(min=1))
+                pair_w = w[:P] * w[P:]
+            c = counts[seqs]
+            loss, g_c, g_r, g_sums = loss_head(logps[:P], logps[P:], ref[pairs], ref[B + pairs.start:B + pairs.stop],
+                                               c[:P], c[P:], sums[:P], pair_w, config, num_pairs=B,
+                                               total_chosen_tokens=total_chosen)
+            g_seq = torch.zeros(N, dtype=cdt, device=dev)
+            g_raw = torch.zeros(N, dtype=cdt, device=dev)
+            g_seq[seqs] = torch.cat([g_c, g_r])
+            g_raw[seqs[:P]] = g_sums
+            return loss, g_seq, g_raw
+
+        def row_coef(sl, g_seq, g_raw):
+            s = seq_of_row[sl]
+            w = token_w[idx[sl]] if token_w is not None else 1.0
+            return g_seq[s] * w + g_raw[s]
+
+        def forward_chunk(sl):
+            h, z = head.logits(idx[sl])
+            rl, lse[sl], st = head.forward_rows(z, targets[sl], True)
+            row_logps[idx[sl]] = rl
+            stats[:, idx[sl]] = st
+            return h, z
+
+        def backward_chunk(sl, h, z, coef):
+            head.accumulate(idx[sl], h, head.backward_rows(z, targets[sl], lse[sl], coef), grads)
+
+        rows_per_pair = valid_rows.view(2, B, T).sum((0, 2)).tolist()
+        grouped = want_grad and pair_local(config) and max(rows_per_pair, default=0) <= head.chunk_rows
+        losses = []
+        if grouped:  # 3 GEMMs: each group's gradients while its logits are in the buffer
+            p0 = r0 = 0
+            while p0 < B:
+                p1, r1 = p0, r0
+                while p1 < B and (p1 == p0 or r1 + rows_per_pair[p1] - r0 <= head.chunk_rows):
+                    r1 += rows_per_pair[p1]
+                    p1 += 1
+                sl = slice(r0, r1)
+                h, z = forward_chunk(sl)
+                loss, g_seq, g_raw = head_on_pairs(slice(p0, p1))
+                losses.append(loss)
+                if r1 > r0:
+                    backward_chunk(sl, h, z, row_coef(sl, g_seq, g_raw))
+                p0, r0 = p1, r1
+        else:  # log-probs of every chunk, the loss, then (with grad) recompute and gradients: 4 GEMMs
+            for r0 in range(0, idx.numel(), head.chunk_rows):
+                forward_chunk(slice(r0, r0 + head.chunk_rows))
+            loss, g_seq, g_raw = head_on_pairs(slice(0, B))
+            losses.append(loss)
+            if want_grad:
+                for r0 in range(0, idx.numel(), head.chunk_rows):
+                    sl = slice(r0, r0 + head.chunk_rows)
+                    h, z = head.logits(idx[sl])
+                    backward_chunk(sl, h, z, row_coef(sl, g_seq, g_raw))
+        loss = torch.stack(losses).sum()
+        logps, _, _ = seq_numbers(torch.arange(N, device=dev))
+        seq_stats = stats.view(4, N, T).sum(2)
+        if want_grad:
+            ctx.grads = _finish_grads(grads, hidden, weight, bias)
+        ctx.mark_non_differentiable(logps, num_tokens, seq_stats)
+        ctx.set_materialize_grads(False)
+        return loss, logps, num_tokens, seq_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, *, config: Optional[DPOLossConfig] = None,
+                    ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
+                    softcap: Optional[float] = None, temperature: float = 1.0,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, **options) -> DPOLossOutput:
+    """``dpo_loss`` of ``transform(hidden @ weight.T + bias)`` without building the logits; same options and
+    output (every ``DPOLossConfig`` field as a keyword, or ``config=``).
+
+    Args:
+        hidden: (2B, T, H), rows [0, B) chosen, [B, 2B) rejected; weight: (V, H); bias: (V,) or None.
+        logit_scale, softcap, temperature: see ``LogitOptions``.
+        chunk_bytes: the logits buffer of one chunk (a group of whole pairs where they fit).
+    """
+    if config is None:
+        config = DPOLossConfig(**options)
+    elif options:
+        raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
+    opts = LogitOptions(logit_scale, softcap, temperature)
+    loss, logps, num_tokens, seq_stats = LinearDPOLossFunction.apply(
+        hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, opts,
+        chunk_bytes)
+    return dpo_output(config, loss, logps, num_tokens, seq_stats, ref_chosen_logps, ref_rejected_logps)
+
+
+class LinearDPOLoss(torch.nn.Module):
+    """``LinearDPOLoss(beta=..., loss_type=...)(hidden, weight, labels, ref_chosen, ref_rejected, bias)``."""
+
+    def __init__(self, *, ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, temperature: float = 1.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 **options):
+        super().__init__()
+        self.config = DPOLossConfig(**options)
+        self.kwargs = dict(ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
+                           temperature=temperature, chunk_bytes=chunk_bytes)
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None,
+                bias=None) -> DPOLossOutput:
+        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias,
+                               config=self.config, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
