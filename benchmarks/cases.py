@@ -6,20 +6,23 @@ zero-argument callable that runs the op once (forward, or forward + backward) on
 
 import torch
 
-OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss")
+OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss", "linear_dpo_loss")
 IMPLS = ("naive", "trl", "fastdpo")
-IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "fastdpo")}
+IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "fastdpo"),
+               "linear_dpo_loss": ("naive", "trl", "liger", "fastdpo")}
+LINEAR_H = 1024  # hidden size of the fused-linear cases (a 1B-class model)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def unavailable(case) -> str:
     """Why a case cannot run here ('' when it can): reported as skipped, never dropped."""
-    if case["impl"] == "trl":
-        try:
-            import trl.trainer.utils  # noqa: F401
-        except Exception as e:  # noqa: BLE001
-            return f"trl not importable: {type(e).__name__}"
+    for impl, module in (("trl", "trl.trainer.utils"), ("liger", "liger_kernel.chunked_loss")):
+        if case["impl"] == impl:
+            try:
+                __import__(module)
+            except Exception as e:  # noqa: BLE001
+                return f"{module} not importable: {type(e).__name__}"
     if case["device"] == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     return ""
@@ -64,7 +67,69 @@ def _naive_dpo(logits, labels, ref_c, ref_r, beta=0.1):
     return loss, metrics
 
 
+def _linear_inputs(case):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    N, T, V, H = case["N"], case["T"], case["V"], case.get("H", LINEAR_H)
+    dtype = _DTYPES[case["dtype"]]
+    hidden = torch.randn(N, T, H, generator=g).to(dtype).to(case["device"])
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(case["device"])
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[:, : T // 8] = -100
+    B = N // 2
+    ref = torch.full((N,), -200.0)
+    return hidden, weight, labels.to(case["device"]), ref[:B].to(case["device"]), ref[B:].to(case["device"])
+
+
+def _sigmoid_dpo(logps, ref_c, ref_r, beta=0.1):
+    B = logps.shape[0] // 2
+    return -torch.nn.functional.logsigmoid(beta * ((logps[:B] - ref_c) - (logps[B:] - ref_r))).mean()
+
+
+def build_linear(case):
+    """The sigmoid DPO loss from hidden states (N, T, H) and an LM head (V, H), forward + backward."""
+    hidden, weight, labels, ref_c, ref_r = _linear_inputs(case)
+    impl = case["impl"]
+    if impl == "naive":
+        def fn(h, w):
+            return _naive_dpo(h @ w.t(), labels, ref_c, ref_r)[0]
+    elif impl == "trl":  # the chunked fused LM head of TRL >= 1.15, called as its DPOTrainer does on CPU
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+        N, T, H = hidden.shape
+        mask = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0).reshape(-1)
+
+        def fn(h, w):
+            lp = _ChunkedLogProbFunction.apply(h.reshape(-1, H), w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                               None, 1.0, ("entropy", "mean_logits", "is_top1"))[0]
+            return _sigmoid_dpo(lp.view(N, T).masked_fill(~mask, 0).sum(1), ref_c, ref_r)
+    elif impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=False)
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        N, T, H = hidden.shape
+
+        def fn(h, w):  # reference log-probs as numbers, like the others: Liger takes them via its ref model only
+            return loss_fn(w, h, shifted)[0]
+    elif impl == "fastdpo":
+        from fastdpo.linear import linear_dpo_loss
+
+        def fn(h, w):
+            return linear_dpo_loss(h, w, labels, ref_c, ref_r, beta=0.1).loss
+    else:
+        raise ValueError(f"no {impl!r} implementation of linear_dpo_loss")
+    h_leaf = hidden.requires_grad_(True)
+    w_leaf = weight.requires_grad_(True)
+
+    def run():
+        return torch.autograd.grad(fn(h_leaf, w_leaf), (h_leaf, w_leaf))
+    return run
+
+
 def build(case):
+    if case["op"] == "linear_dpo_loss":
+        return build_linear(case)
     logits, labels = make_inputs(case)
     impl, backward = case["impl"], case["op"] != "sequence_logps_fwd"
     if case["op"] == "dpo_loss":
@@ -120,33 +185,55 @@ def build(case):
 
 def bytes_moved(case) -> int:
     """The hardware floor for this op: forward reads the logits once; backward reads them once more and
-    writes the gradient once (3x the logits' bytes in all). Labels and per-row outputs are negligible."""
+    writes the gradient once (3x the logits' bytes in all). Labels and per-row outputs are negligible.
+    For linear_dpo_loss (compute-bound, a GEMM op) this is 0: see flops()."""
+    if case["op"] == "linear_dpo_loss":
+        return 0
     elem = torch.tensor([], dtype=_DTYPES[case["dtype"]]).element_size()
     logits_bytes = case["N"] * case["T"] * case["V"] * elem
     return logits_bytes if case["op"] == "sequence_logps_fwd" else 3 * logits_bytes
 
 
+def flops(case) -> int:
+    """linear_dpo_loss: the floor is 3 GEMMs over the completion rows (logits, grad hidden, grad weight),
+    2 * M * H * V FLOPs each; M counts the rows that score a completion token (7/8 of them here)."""
+    if case["op"] != "linear_dpo_loss":
+        return 0
+    M = case["N"] * (case["T"] - case["T"] // 8 - 1)
+    return 3 * 2 * M * case.get("H", LINEAR_H) * case["V"]
+
+
 def default_cases(device: str, mode: str):
-    """The shapes each mode sweeps; CPU defaults end in minutes on 2 cores."""
+    """The shapes each mode sweeps. CPU: --quick (the logits ops at 16x512x32000, under 3 minutes on 2 cores),
+    default (also a Llama-3 vocabulary and the fused-linear op, under 10), --full (more vocabularies, bf16)."""
+    logits_ops = ("sequence_logps_fwd", "sequence_logps", "dpo_loss")
     if device == "cpu":
         shapes = {"quick": [(16, 512, 32000)],
-                  "default": [(16, 512, 32000), (4, 512, 50257), (2, 512, 128256)],
+                  "default": [(16, 512, 32000), (2, 512, 128256)],
                   "full": [(16, 512, 32000), (4, 512, 50257), (2, 512, 128256), (2, 512, 151936)]}[mode]
+        linear_shapes = {"quick": [], "default": [(16, 512, 32000)], "full": [(16, 512, 32000)]}[mode]
         dtypes = ["float32"] if mode != "full" else ["float32", "bfloat16"]
     else:
         shapes = {"quick": [(16, 1024, 32000)],
                   "default": [(16, 1024, 32000), (8, 1024, 128256)],
                   "full": [(16, 2048, 32000), (8, 2048, 50257), (8, 2048, 128256), (8, 2048, 151936),
                            (4, 2048, 256000)]}[mode]
+        linear_shapes = {"quick": [(16, 1024, 32000)], "default": [(16, 1024, 32000), (8, 1024, 128256)],
+                         "full": [(16, 2048, 128256), (8, 4096, 128256), (8, 2048, 256000)]}[mode]
         dtypes = ["bfloat16", "float32"]
     cases = []
-    for N, T, V in shapes:
-        for dtype in dtypes:
-            for op in OPS:
+
+    def add(op, impl, N, T, V, dtype, variant=""):
+        cases.append({"op": op, "impl": impl, "N": N, "T": T, "V": V, "dtype": dtype, "device": device,
+                      "variant": variant})
+    for dtype in dtypes:
+        for N, T, V in shapes:
+            for op in logits_ops:
                 for impl in IMPLS_BY_OP[op]:
-                    cases.append({"op": op, "impl": impl, "N": N, "T": T, "V": V, "dtype": dtype,
-                                  "device": device, "variant": ""})
+                    add(op, impl, N, T, V, dtype)
                 if op != "sequence_logps_fwd":
-                    cases.append({"op": op, "impl": "fastdpo", "N": N, "T": T, "V": V, "dtype": dtype,
-                                  "device": device, "variant": "inplace_backward"})
+                    add(op, "fastdpo", N, T, V, dtype, "inplace_backward")
+        for N, T, V in linear_shapes:
+            for impl in IMPLS_BY_OP["linear_dpo_loss"]:
+                add("linear_dpo_loss", impl, N, T, V, dtype)
     return cases

@@ -65,7 +65,8 @@ def measure(case, repeats: int, warmup: int) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(times)
     return {**case, "median_ms": med, "min_ms": min(times), "repeats": repeats, "peak_mem_bytes": int(peak),
-            "bytes_moved": C.bytes_moved(case), "achieved_gbps": C.bytes_moved(case) / (med * 1e-3) / 1e9}
+            "bytes_moved": C.bytes_moved(case), "achieved_gbps": C.bytes_moved(case) / (med * 1e-3) / 1e9,
+            "flops": C.flops(case), "achieved_tflops": C.flops(case) / (med * 1e-3) / 1e12}
 
 
 def main():

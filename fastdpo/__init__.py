@@ -1,10 +1,13 @@
 """fastdpo: fused Triton kernels for DPO losses."""
 
 from fastdpo.dpo import DPOLoss, DPOLossOutput, FusedDPOLossFunction, dpo_loss
+from fastdpo.linear import (LinearDPOLoss, LinearDPOLossFunction, LinearSequenceLogpsFunction, linear_dpo_loss,
+                            linear_sequence_logps)
 from fastdpo.logps import SequenceLogps, SequenceLogpsFunction, sequence_logps
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
 
 __version__ = "0.1.0"
 
-__all__ = ["DPOLoss", "DPOLossConfig", "DPOLossOutput", "FusedDPOLossFunction", "LOSS_TYPES", "SequenceLogps",
-           "SequenceLogpsFunction", "dpo_loss", "dpo_loss_from_logps", "sequence_logps"]
+__all__ = ["DPOLoss", "DPOLossConfig", "DPOLossOutput", "FusedDPOLossFunction", "LOSS_TYPES", "LinearDPOLoss",
+           "LinearDPOLossFunction", "LinearSequenceLogpsFunction", "SequenceLogps", "SequenceLogpsFunction",
+           "dpo_loss", "dpo_loss_from_logps", "linear_dpo_loss", "linear_sequence_logps", "sequence_logps"]

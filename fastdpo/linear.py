@@ -16,7 +16,7 @@ GEMM count, in M x H x V GEMM-equivalents (M completion tokens):
   Two-pass mode (those losses, or a pair longer than the chunk budget, e.g. T = 32k): all log-probs first,
   then recompute and gradients: 4. The mode is chosen per call.
 
-Memory beyond the inputs and their gradients: one logits chunk (``chunk_bytes``, default 256 MiB; twice that
+Memory beyond the inputs and their gradients: one logits chunk (``chunk_bytes``, default 128 MiB; twice that
 with softcapping, whose backward needs the forward values), O(M) per-token numbers, and an fp32 accumulator for
 the weight (and bias) gradient when the weight is not fp32: the weight gradient is accumulated in fp32.
 """
@@ -32,7 +32,7 @@ from fastdpo.dpo import DPOLossOutput, _ld_token_weights, _reference, dpo_output
 from fastdpo.logps import SequenceLogps, _mean_scale
 from fastdpo.losses import DPOLossConfig, pair_local
 
-DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
+DEFAULT_CHUNK_BYTES = 128 * 2 ** 20
 _NO_LABEL = -1  # rows handed to the kernels all hold a real target: nothing matches this
 
 
@@ -371,7 +371,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]  # in place: no copy
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 
