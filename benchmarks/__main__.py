@@ -21,10 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "trl", "liger_kernel", "fastdpo"):
+    from importlib import metadata
+
+    for name, dist in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"), ("trl", "trl"),
+                       ("liger_kernel", "liger-kernel"), ("fastdpo", "fastdpo")):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
@@ -91,6 +94,22 @@ HEADER = (f"{'op':<19} {'shape NxTxV':<16} {'dtype':<9} {'impl':<26} {'median ms
           f"{'GB/s':>7} {'speedup':>7} {'mem':>7}")
 
 
+def markdown_table(results) -> str:
+    """The results as a markdown table (README carries the latest CPU one)."""
+    lines = ["| op | shape (N x T x V) | dtype | impl | median ms | peak extra MiB | vs naive: time | vs naive: memory |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        name = r["impl"] + (f" ({r['variant']})" if r.get("variant") else "")
+        head = f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} |"
+        if "skipped" in r:
+            lines.append(f"{head} skipped: {r['skipped']} | | | |")
+            continue
+        ratios = (f" {r['speedup_vs_naive']:.2f}x faster | {r['mem_ratio_vs_naive']:.2f}x |"
+                  if "speedup_vs_naive" in r else " | |")
+        lines.append(f"{head} {r['median_ms']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} |{ratios}")
+    return "\n".join(lines)
+
+
 def plot(results, path_prefix: str) -> list:
     try:
         import matplotlib
@@ -148,6 +167,8 @@ def main(argv=None) -> int:
     results = []
     for i, case in enumerate(cases, 1):
         r = run_case(case, repeats, a.timeout)
+        r["shape"] = f"{case['N']}x{case['T']}x{case['V']}" + (f" (H={C.LINEAR_H})" if case["op"] == "linear_dpo_loss"
+                                                                else "")
         results.append(r)
         add_ratios(results)
         print(f"{fmt_row(r)}   [{i}/{len(cases)}]", flush=True)
@@ -157,7 +178,12 @@ def main(argv=None) -> int:
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
     pngs = plot(results, os.path.splitext(out)[0])
-    print(f"wrote {out}" + "".join(f", {q}" for q in pngs))
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"Measured {date} on {dev}; torch {doc['versions']['torch']}, triton {doc['versions']['triton']}, "
+                f"trl {doc['versions']['trl']}, liger-kernel {doc['versions']['liger_kernel']}.\n\n")
+        f.write(markdown_table(results) + "\n")
+    print(f"wrote {out}, {md}" + "".join(f", {q}" for q in pngs))
     return 0
 
 

@@ -7,8 +7,8 @@ zero-argument callable that runs the op once (forward, or forward + backward) on
 import torch
 
 OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss", "linear_dpo_loss")
-IMPLS = ("naive", "trl", "fastdpo")
-IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "fastdpo"),
+IMPLS = ("naive", "naive_compiled", "trl", "liger", "fastdpo")
+IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "naive_compiled", "fastdpo"),
                "linear_dpo_loss": ("naive", "trl", "liger", "fastdpo")}
 LINEAR_H = 1024  # hidden size of the fused-linear cases (a 1B-class model)
 
@@ -25,6 +25,8 @@ def unavailable(case) -> str:
                 return f"{module} not importable: {type(e).__name__}"
     if case["device"] == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if case["impl"] == "liger" and case["op"] != "linear_dpo_loss" and case["device"] != "cuda":
+        return "Liger's cross-entropy kernel (its per-token log-prob path) is Triton-only: needs a CUDA device"
     return ""
 
 
@@ -136,7 +138,7 @@ def build(case):
         B = logits.shape[0] // 2
         ref_c = torch.full((B,), -200.0, device=logits.device)
         ref_r = torch.full((B,), -210.0, device=logits.device)
-        if impl == "naive":
+        if impl in ("naive", "naive_compiled"):
             def fn(x):
                 return _naive_dpo(x, labels, ref_c, ref_r)[0]
         elif impl == "fastdpo":
@@ -148,11 +150,19 @@ def build(case):
                 return fastdpo.dpo_loss(x, labels, ref_c, ref_r, beta=0.1, inplace_backward=inplace).loss
         else:
             raise ValueError(f"no {impl!r} implementation of dpo_loss")
-    elif impl == "naive":
+    elif impl in ("naive", "naive_compiled"):
         from fastdpo.naive import naive_sequence_logps
 
         def fn(x):
             return naive_sequence_logps(x, labels)[0]
+    elif impl == "liger":  # per-token log-probs = -cross-entropy with reduction="none" (Liger's Triton kernel)
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        def fn(x):
+            N, T, V = x.shape
+            lab = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            nll = liger_cross_entropy(x.reshape(-1, V), lab.reshape(-1), reduction="none", ignore_index=-100)
+            return -nll.view(N, T).float().sum(-1)
     elif impl == "trl":
         def fn(x):
             return _trl_logps(x, labels)
@@ -166,6 +176,8 @@ def build(case):
     else:
         raise ValueError(f"unknown impl {impl!r}")
 
+    if impl == "naive_compiled":
+        fn = torch.compile(fn, dynamic=False)
     if not backward:
         def run():
             with torch.no_grad():
