@@ -11,9 +11,10 @@ from typing import Dict, Optional
 
 import torch
 
-from fastdpo import _backend, _ops
+from fastdpo import _backend, _library, _ops
 from fastdpo._checks import check_logits_labels
 from fastdpo.kernels import dpo_loss as _k
+from fastdpo.logps import logps_backward
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
 
 _F_DIV_IDS = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
@@ -41,15 +42,13 @@ def loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejecte
     if _backend.use_triton(chosen):
         return _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
                                  chosen_sums, pair_weights, cfg, num_pairs or chosen.numel(), total_chosen_tokens)
-    leaves = [t.detach().requires_grad_(True) for t in (chosen, rejected, chosen_sums)]
-    with torch.enable_grad():
-        loss = dpo_loss_from_logps(leaves[0], leaves[1], ref_chosen, ref_rejected, chosen_tokens=chosen_tokens,
-                                   rejected_tokens=rejected_tokens, chosen_sums=leaves[2],
-                                   pair_weights=pair_weights, num_pairs=num_pairs,
-                                   total_chosen_tokens=total_chosen_tokens, config=cfg)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
-    return (loss.detach(), *grads)
+    def spec(c, r, sums):
+        return dpo_loss_from_logps(c, r, ref_chosen, ref_rejected, chosen_tokens=chosen_tokens,
+                                   rejected_tokens=rejected_tokens, chosen_sums=sums, pair_weights=pair_weights,
+                                   num_pairs=num_pairs, total_chosen_tokens=total_chosen_tokens, config=cfg)
+    # torch.func rather than autograd: it also runs inside a custom op, below the autograd dispatch key
+    grads, loss = torch.func.grad_and_value(spec, argnums=(0, 1, 2))(chosen, rejected, chosen_sums)
+    return (loss, *grads)
 
 
 def _ranks(values: torch.Tensor):
@@ -139,7 +138,7 @@ class FusedDPOLossFunction(torch.autograd.Function):
         if (ref_chosen_logps is None) != (ref_rejected_logps is None):
             raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
 
-        row_logps, lse, stats = _ops.logps_forward(logits, labels, ignore_index, shift, with_stats=True)
+        row_logps, lse, stats = _library.logps_forward(logits, labels, ignore_index, shift, True)
         cdt = row_logps.dtype
         valid_rows = _ops.row_labels(labels, ignore_index, shift)[1]
         valid_pos = _ops.rows_to_positions(valid_rows, shift)
@@ -159,8 +158,8 @@ class FusedDPOLossFunction(torch.autograd.Function):
             lss = stats[_ops.LOG_SUM_SQ_PROBS].sum(1)
             w = torch.exp((sums - lss) / counts.clamp(min=1))
             pair_w = w[:B] * w[B:]
-        loss, g_c, g_r, g_sums = loss_head(logps[:B], logps[B:], ref_c, ref_r, counts[:B], counts[B:], sums[:B],
-                                           pair_w, config)
+        loss, g_c, g_r, g_sums = _library.loss_head_op(logps[:B], logps[B:], ref_c, ref_r, counts[:B], counts[B:],
+                                                       sums[:B], pair_w, config)
 
         if ctx.needs_input_grad[0]:
             g_seq = torch.cat([g_c, g_r])
@@ -180,7 +179,7 @@ class FusedDPOLossFunction(torch.autograd.Function):
             return (None,) * 8
         logits, labels, lse, coef_rows = ctx.saved_tensors
         ignore_index, shift, inplace = ctx.options
-        dlogits = _ops.logps_backward(logits, labels, lse, coef_rows * grad_loss, ignore_index, shift, inplace)
+        dlogits = logps_backward(logits, labels, lse, coef_rows * grad_loss, ignore_index, shift, inplace)
         return dlogits, None, None, None, None, None, None, None
 
 

@@ -28,6 +28,7 @@ import torch
 
 from fastdpo import _ops
 from fastdpo._checks import LABEL_DTYPES
+from fastdpo._library import check_label_range
 from fastdpo.dpo import DPOLossOutput, _ld_token_weights, _reference, dpo_output, loss_head
 from fastdpo.logps import SequenceLogps, _mean_scale
 from fastdpo.losses import DPOLossConfig, pair_local
@@ -80,11 +81,7 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    V = weight.shape[0]
-    if labels.device.type == "cpu" and labels.numel():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            raise ValueError(f"labels hold values outside [0, {V}) other than ignore_index={ignore_index}")
+    check_label_range(labels, weight.shape[0], ignore_index)
 
 
 class _Head:

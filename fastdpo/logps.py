@@ -4,7 +4,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from fastdpo import _ops
+from fastdpo import _library, _ops
 from fastdpo._checks import check_logits_labels
 
 
@@ -31,7 +31,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False):
         check_logits_labels(logits, labels, ignore_index)
-        row_logps, lse, _ = _ops.logps_forward(logits, labels, ignore_index, shift)
+        row_logps, lse, _ = _library.logps_forward(logits, labels, ignore_index, shift, False)
         token_logps = _ops.rows_to_positions(row_logps, shift)
         _, valid = _ops.row_labels(labels, ignore_index, shift)
         num_tokens = valid.sum(1)
@@ -51,8 +51,15 @@ class SequenceLogpsFunction(torch.autograd.Function):
         ignore_index, shift, average, inplace = ctx.options
         coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
                                      average)
-        dlogits = _ops.logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace)
-        return dlogits, None, None, None, None, None
+        return logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace), None, None, None, None, None
+
+
+def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
+    """dlogits through the custom ops; in place: written into the logits, which are returned."""
+    if inplace:
+        _library.logps_backward_(logits, labels, lse, coef, ignore_index, shift)
+        return logits
+    return _library.logps_backward(logits, labels, lse, coef, ignore_index, shift)
 
 
 def sequence_coef_to_rows(labels, num_tokens, grad_seq, grad_token, ignore_index, shift, average):
