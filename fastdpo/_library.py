@@ -6,12 +6,13 @@ host-side checks. The data-dependent label check runs inside the op (eagerly), n
 """
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fastdpo import _ops
+from fastdpo import _backend, _ops
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -87,13 +88,30 @@ def dpo_loss_head(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_reje
                             label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
                             f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
                             simpo_gamma=simpo_gamma, nll_alpha=nll_alpha)
-    return tuple(impl(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums,
-                      pair_weights, cfg, num_pairs, total_chosen_tokens))
+    args = (chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums, pair_weights,
+            cfg, num_pairs, total_chosen_tokens)
+    if _backend.use_triton(chosen):
+        return tuple(t.contiguous() for t in impl(*args))
+    # The PyTorch path differentiates the spec (torch.func). A compiled graph calls this op under dispatch
+    # modes (AOTAutograd's custom-op aliasing check) that torch.func's wrapped tensors break; modes and
+    # dispatch state are thread-local, so it runs on a worker thread, where both are clean.
+    return tuple(t.contiguous() for t in _spec_thread().submit(impl, *args).result())  # strides as the fake
+
+
+_SPEC_THREAD = None
+
+
+def _spec_thread():
+    global _SPEC_THREAD
+    if _SPEC_THREAD is None:
+        _SPEC_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdpo-loss-spec")
+    return _SPEC_THREAD
 
 
 @dpo_loss_head.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums, pair_weights,
-      total_chosen_tokens, num_pairs, *options):
+      total_chosen_tokens, num_pairs, beta, loss_types, loss_weights, label_smoothing, f_divergence_type,
+      f_alpha_divergence_coef, discopop_tau, simpo_gamma, nll_alpha):
     return chosen.new_empty(()), torch.empty_like(chosen), torch.empty_like(chosen), torch.empty_like(chosen)
 
 

@@ -258,8 +258,8 @@ class LinearDPOLossFunction(torch.autograd.Function):
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
         N, T, _ = hidden.shape
-        if N % 2:
-            raise ValueError(f"hidden must hold 2B rows (chosen [0, B), rejected [B, 2B)), got {N} rows")
+        if N % 2 or N == 0:
+            raise ValueError(f"hidden must hold 2B rows (chosen [0, B), rejected [B, 2B)) with B >= 1, got {N} rows")
         B = N // 2
         if (ref_chosen_logps is None) != (ref_rejected_logps is None):
             raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
