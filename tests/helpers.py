@@ -43,12 +43,19 @@ def reference(logits, labels, *, ignore_index=-100, shift=True, average=False, g
 
 def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor, coef_max: float):
     """Gradient elements: fp32 compute error of coef * (onehot - p), then one rounding to the logits' dtype."""
-    atol = coef_max * 2 * logp_tol(logits) + 1e-30
-    if logits.dtype == torch.float16:
-        atol += 2.0 ** -24  # fp16 subnormal spacing: tiny probabilities keep no relative precision
-    rtol = STORE_RTOL[logits.dtype]
-    if logits.dtype == torch.bfloat16 and os.environ.get("FASTDPO_BACKEND") == "triton":
+    atol = coef_max * 2 * logp_tol(logits) + store_atol(logits.dtype) + 1e-30
+    torch.testing.assert_close(actual.double(), expected, rtol=store_rtol(logits.dtype), atol=atol)
+
+
+def store_atol(dtype: torch.dtype) -> float:
+    """fp16 subnormal spacing (below 6.1e-5 a stored gradient keeps no relative precision)."""
+    return 2.0 ** -24 if dtype == torch.float16 else 0.0
+
+
+def store_rtol(dtype: torch.dtype) -> float:
+    """Relative rounding of one gradient element stored in ``dtype``."""
+    if dtype == torch.bfloat16 and os.environ.get("FASTDPO_BACKEND") == "triton":
         # Triton 3.9's interpreter casts fp32 -> bf16 by truncation (even with rounding="rtne"): up to a
         # whole ulp. A GPU's cvt.rn.bf16.f32 rounds to nearest, within half an ulp.
-        rtol = 2.0 ** -7
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+        return 2.0 ** -7
+    return STORE_RTOL[dtype]
