@@ -156,7 +156,7 @@ def main(argv=None) -> int:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mode_name = "quick" if a.quick else "full" if a.full else "default"
-    repeats = a.repeats or (3 if device == "cpu" else 20)
+    repeats = a.repeats or (20 if device == "cuda" else 2 if a.quick else 3)
     cases = C.default_cases(device, mode_name)
     date = datetime.date.today().isoformat()
     out = a.out or os.path.join(HERE, "results", f"{device}-{date}.json")

@@ -1,0 +1,128 @@
+"""TRL's DPOTrainer through fastdpo's fused-linear kernels.
+
+TRL >= 1.15 computes DPO log-probs through its fused LM head (``trl.trainer.utils.add_fused_lm_head``), which
+calls ``_ChunkedLogProbFunction`` on the hidden states of the scored positions and reads per-token
+log-probs, entropy, mean logits, is_top1 and (WPO) log sum p^2. ``patch()`` replaces that function, for the
+policy and the reference forward alike, with ``fastdpo.linear_sequence_logps`` returning the same fields:
+
+    import fastdpo.integrations.trl as fdt
+    fdt.patch()              # then build and train an unmodified trl.DPOTrainer
+    fdt.unpatch()
+
+or ``FastDPOTrainer``, a DPOTrainer subclass that routes only its own loss computation through fastdpo.
+
+Not covered: TRL <= 0.28 (``concatenated_forward`` / ``dpo_loss`` on full logits) does not install beside
+transformers 5 here; ``patch()`` raises for it, naming the version. The entropy fastdpo returns carries no
+gradient (TRL's DPO logs it detached; a loss that differentiates the entropy must not use the patch).
+"""
+
+import contextlib
+import threading
+
+import torch
+from packaging.version import Version
+
+from fastdpo.linear import linear_sequence_logps
+
+_LOCK = threading.Lock()
+_ORIGINAL = None
+MIN_TRL = Version("1.15")
+
+
+class FusedLogProbFunction:
+    """Drop-in for ``trl.trainer.utils._ChunkedLogProbFunction``: same ``apply`` signature and outputs."""
+
+    calls = 0  # how often TRL called fastdpo (tests read it)
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        """hidden (M, H), targets (M,) -> (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (M,)
+        or None when not in ``outputs``. ``chunk_size`` (TRL's vocabulary tile) has no counterpart: fastdpo
+        chunks tokens within its own memory budget."""
+        FusedLogProbFunction.calls += 1
+        out = linear_sequence_logps(hidden[None], weight, targets[None], bias, shift=False,
+                                    logit_scale=1.0 if logit_scale is None else float(logit_scale),
+                                    softcap=final_logit_softcapping, temperature=float(temperature),
+                                    return_token_logps=True, return_token_stats=bool(outputs))
+        stats = out.token_stats or {}
+        fields = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+        return (out.token_logps[0], *(stats[f][0] if f in outputs else None for f in fields))
+
+
+def _trl_utils():
+    try:
+        import trl
+        import trl.trainer.utils as utils
+    except ImportError as e:  # pragma: no cover - the extra is not installed
+        raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from e
+    version = Version(trl.__version__)
+    if version < MIN_TRL or not hasattr(utils, "_ChunkedLogProbFunction"):
+        raise RuntimeError(f"fastdpo.integrations.trl supports TRL >= {MIN_TRL} (its fused LM head); TRL "
+                           f"{trl.__version__} computes DPO on full logits: use fastdpo.dpo_loss there")
+    return utils
+
+
+def patch() -> None:
+    """Route TRL's fused LM head (every DPOTrainer built or running from now on) through fastdpo."""
+    global _ORIGINAL
+    utils = _trl_utils()
+    with _LOCK:
+        if _ORIGINAL is None:
+            _ORIGINAL = utils._ChunkedLogProbFunction
+            utils._ChunkedLogProbFunction = FusedLogProbFunction
+
+
+def unpatch() -> None:
+    """Restore TRL's own fused LM head."""
+    global _ORIGINAL
+    utils = _trl_utils()
+    with _LOCK:
+        if _ORIGINAL is not None:
+            utils._ChunkedLogProbFunction = _ORIGINAL
+            _ORIGINAL = None
+
+
+def is_patched() -> bool:
+    return _ORIGINAL is not None
+
+
+@contextlib.contextmanager
+def patched():
+    """``patch()`` for the duration of a block (restores TRL's head after, unless it was patched before)."""
+    was = is_patched()
+    patch()
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch()
+
+
+def _make_trainer_class():
+    from trl import DPOTrainer
+
+    class FastDPOTrainer(DPOTrainer):
+        """``trl.DPOTrainer`` whose loss and reference log-probs run through fastdpo (no global patch)."""
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            with patched():
+                return super()._compute_loss(model, inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            with patched():
+                return super().compute_ref_log_probs(model, inputs)
+
+    return FastDPOTrainer
+
+
+def __getattr__(name):
+    if name == "FastDPOTrainer":  # built on first use: importing this module does not import TRL
+        _trl_utils()
+        cls = _make_trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+__all__ = ["FastDPOTrainer", "FusedLogProbFunction", "is_patched", "patch", "patched", "unpatch"]
