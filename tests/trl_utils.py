@@ -54,6 +54,7 @@ def dpo_trainer(tmp_path, model=None, **config):
 
     tok = tiny_tokenizer()
     model = model if model is not None else tiny_llama(len(tok))
+    config.setdefault("bf16", False)  # TRL 1.16 defaults to bf16 autocast, on CPU too: tests compare fp32
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
                      logging_steps=1, save_strategy="no", seed=0, **config)
     return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=preference_dataset(),
