@@ -6,10 +6,11 @@ from fastdpo.linear import (LinearDPOLoss, LinearDPOLossFunction, LinearSequence
                             linear_sequence_logps)
 from fastdpo.logps import SequenceLogps, SequenceLogpsFunction, sequence_logps
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
+from fastdpo.reference import ReferenceLogps, precompute_reference_logps
 
 __version__ = "0.1.0"
 
 __all__ = ["DPOLoss", "DPOLossConfig", "DPOLossOutput", "FusedDPOLossFunction", "LOSS_TYPES", "LinearDPOLoss",
-           "LinearDPOLossFunction", "LinearSequenceLogpsFunction", "SequenceLogps", "SequenceLogpsFunction",
+           "LinearDPOLossFunction", "LinearSequenceLogpsFunction", "ReferenceLogps", "SequenceLogps", "SequenceLogpsFunction",
            "dpo_loss", "dpo_loss_from_logps", "linear_dpo_loss", "linear_sequence_logps", "policy_logps",
-           "sequence_logps"]
+           "precompute_reference_logps", "sequence_logps"]
