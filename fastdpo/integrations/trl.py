@@ -11,8 +11,8 @@ policy and the reference forward alike, with ``fastdpo.linear_sequence_logps`` r
 
 or ``FastDPOTrainer``, a DPOTrainer subclass that routes only its own loss computation through fastdpo.
 
-Not covered: TRL <= 0.28 (``concatenated_forward`` / ``dpo_loss`` on full logits) does not install beside
-transformers 5 here; ``patch()`` raises for it, naming the version. The entropy fastdpo returns carries no
+Not covered yet: TRL <= 0.28 (``concatenated_forward`` / ``get_batch_loss_metrics`` on full logits);
+``patch()`` raises for it, naming the version. The entropy fastdpo returns carries no
 gradient (TRL's DPO logs it detached; a loss that differentiates the entropy must not use the patch).
 """
 
