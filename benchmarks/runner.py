@@ -5,7 +5,8 @@
 Peak extra memory is what the op allocates beyond its inputs: on CUDA ``max_memory_allocated`` minus the
 memory held before the call; on CPU the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs) minus its resident size before the call. Each case runs in a fresh process, so no
-allocator cache from another case distorts it. Memory is read on the first call, times on the later ones.
+allocator cache from another case distorts it. Memory is read on the first call (after compiling, for
+compiled implementations), times on the later ones.
 """
 
 import argparse
