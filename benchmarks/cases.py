@@ -9,7 +9,7 @@ import torch
 OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss", "linear_dpo_loss")
 IMPLS = ("naive", "naive_compiled", "trl", "liger", "fastdpo")
 IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "naive_compiled", "fastdpo"),
-               "linear_dpo_loss": ("naive", "trl", "liger", "fastdpo")}
+               "linear_dpo_loss": ("naive", "naive_compiled", "trl", "liger", "fastdpo")}
 LINEAR_H = 1024  # hidden size of the fused-linear cases (a 1B-class model)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,9 +91,11 @@ def build_linear(case):
     """The sigmoid DPO loss from hidden states (N, T, H) and an LM head (V, H), forward + backward."""
     hidden, weight, labels, ref_c, ref_r = _linear_inputs(case)
     impl = case["impl"]
-    if impl == "naive":
+    if impl in ("naive", "naive_compiled"):
         def fn(h, w):
             return _naive_dpo(h @ w.t(), labels, ref_c, ref_r)[0]
+        if impl == "naive_compiled":
+            fn = torch.compile(fn, dynamic=False)
     elif impl == "trl":  # the chunked fused LM head of TRL >= 1.15, called as its DPOTrainer does on CPU
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
@@ -206,6 +208,21 @@ def bytes_moved(case) -> int:
     return logits_bytes if case["op"] == "sequence_logps_fwd" else 3 * logits_bytes
 
 
+# Peak DRAM bandwidth (GB/s) of common training GPUs, from their vendors' data sheets: the floor every
+# logits-op figure is held to (``percent_of_peak_bw``).
+PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
+             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
+             "L40S": 864, "RTX 4090": 1008, "A10G": 600}
+
+
+def peak_gbps(device_name: str):
+    """The data-sheet bandwidth of a CUDA device by name, or None when unknown (then no percentage)."""
+    for key, gbps in PEAK_GBPS.items():
+        if key.lower() in device_name.lower():
+            return gbps
+    return None
+
+
 def flops(case) -> int:
     """linear_dpo_loss: the floor is 3 GEMMs over the completion rows (logits, grad hidden, grad weight),
     2 * M * H * V FLOPs each; M counts the rows that score a completion token (7/8 of them here)."""
@@ -224,6 +241,8 @@ def default_cases(device: str, mode: str):
                   "default": [(16, 512, 32000), (2, 512, 128256)],
                   "full": [(16, 512, 32000), (4, 512, 50257), (2, 512, 128256), (2, 512, 151936)]}[mode]
         linear_shapes = {"quick": [], "default": [(16, 512, 32000)], "full": [(16, 512, 32000)]}[mode]
+        if mode == "full":  # a sweep over tokens
+            shapes += [(4, t, 32000) for t in (128, 1024, 2048)]
         dtypes = ["float32"] if mode != "full" else ["float32", "bfloat16"]
     else:
         shapes = {"quick": [(16, 1024, 32000)],
@@ -232,6 +251,8 @@ def default_cases(device: str, mode: str):
                            (4, 2048, 256000)]}[mode]
         linear_shapes = {"quick": [(16, 1024, 32000)], "default": [(16, 1024, 32000), (8, 1024, 128256)],
                          "full": [(16, 2048, 128256), (8, 4096, 128256), (8, 2048, 256000)]}[mode]
+        if mode == "full":  # a sweep over tokens at Llama-3's vocabulary
+            shapes += [(8, t, 128256) for t in (256, 512, 4096, 8192)]
         dtypes = ["bfloat16", "float32"]
     cases = []
 
