@@ -94,9 +94,17 @@ HEADER = (f"{'op':<19} {'shape NxTxV':<16} {'dtype':<9} {'impl':<26} {'median ms
           f"{'GB/s':>7} {'speedup':>7} {'mem':>7}")
 
 
+def _write_markdown(path: str, doc) -> None:
+    v = doc["versions"]
+    with open(path, "w") as f:
+        f.write(f"Measured {doc['date']} on {doc['device']} ({doc['mode']} mode); torch {v['torch']}, triton "
+                f"{v['triton']}, trl {v['trl']}, liger-kernel {v['liger_kernel']}.\n\n")
+        f.write(markdown_table(doc["results"]) + "\n")
+
+
 def markdown_table(results) -> str:
     """The results as a markdown table (README carries the latest CPU one)."""
-    lines = ["| op | shape (N x T x V) | dtype | impl | median ms | peak extra MiB | vs naive: time | vs naive: memory |",
+    lines = ["| op | shape (N x T x V) | dtype | impl | median ms | peak extra MiB | speed-up vs naive | memory vs naive |",
              "|---|---|---|---|---:|---:|---:|---:|"]
     for r in results:
         name = r["impl"] + (f" ({r['variant']})" if r.get("variant") else "")
@@ -104,13 +112,14 @@ def markdown_table(results) -> str:
         if "skipped" in r:
             lines.append(f"{head} skipped: {r['skipped']} | | | |")
             continue
-        ratios = (f" {r['speedup_vs_naive']:.2f}x faster | {r['mem_ratio_vs_naive']:.2f}x |"
+        ratios = (f" {r['speedup_vs_naive']:.2f}x | {r['mem_ratio_vs_naive']:.2f}x |"
                   if "speedup_vs_naive" in r else " | |")
         lines.append(f"{head} {r['median_ms']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} |{ratios}")
     return "\n".join(lines)
 
 
 def plot(results, path_prefix: str) -> list:
+    """Time and peak memory per 1k tokens (N x T) against the vocabulary, one colour per implementation."""
     try:
         import matplotlib
 
@@ -118,18 +127,22 @@ def plot(results, path_prefix: str) -> list:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    impls = sorted({(r["impl"], r.get("variant", "")) for r in results})
+    colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
     paths = []
     ops = sorted({r["op"] for r in results})
-    for metric, label in (("median_ms", "median time (ms)"), ("peak_mem_bytes", "peak extra memory (MiB)")):
+    for metric, label in (("median_ms", "median time per 1k tokens (ms)"),
+                          ("peak_mem_bytes", "peak extra memory per 1k tokens (MiB)")):
         fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4), squeeze=False)
         for ax, op in zip(axes[0], ops):
             rows = [r for r in results if r["op"] == op and metric in r]
-            for impl in sorted({(r["impl"], r.get("variant", "")) for r in rows}):
-                pts = sorted((r["V"], r[metric] / (2**20 if metric == "peak_mem_bytes" else 1))
+            for impl in impls:
+                pts = sorted((r["V"], r[metric] / (2**20 if metric == "peak_mem_bytes" else 1) / (r["N"] * r["T"] / 1e3))
                              for r in rows if (r["impl"], r.get("variant", "")) == impl)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=impl[0] + (f" [{impl[1]}]" if impl[1] else ""))
-            ax.set_title(op)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[impl],
+                            label=impl[0] + (f" [{impl[1]}]" if impl[1] else ""))
+            ax.set_title(op + (" (H=%d)" % C.LINEAR_H if op == "linear_dpo_loss" else ""))
             ax.set_xlabel("vocabulary size V")
             ax.set_ylabel(label)
             ax.set_xscale("log")
@@ -151,7 +164,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--timeout", type=int, default=600, help="seconds per case")
+    p.add_argument("--replot", metavar="JSON", help="redraw the plots and table of a results file; run nothing")
     a = p.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            doc = json.load(f)
+        prefix = os.path.splitext(a.replot)[0]
+        pngs = plot(doc["results"], prefix)
+        _write_markdown(prefix + ".md", doc)
+        print("wrote " + ", ".join(pngs + [prefix + ".md"]))
+        return 0
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,10 +201,7 @@ def main(argv=None) -> int:
         json.dump(doc, f, indent=1)
     pngs = plot(results, os.path.splitext(out)[0])
     md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"Measured {date} on {dev}; torch {doc['versions']['torch']}, triton {doc['versions']['triton']}, "
-                f"trl {doc['versions']['trl']}, liger-kernel {doc['versions']['liger_kernel']}.\n\n")
-        f.write(markdown_table(results) + "\n")
+    _write_markdown(md, doc)
     print(f"wrote {out}, {md}" + "".join(f", {q}" for q in pngs))
     return 0
 
