@@ -171,7 +171,8 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats):
             s = e.sum(1)
             lse_c = s.log().add_(m)
             lab = torch.where(ok, rlab[n, t0:t1], 0)
-            tgt = x.gather(1, lab[:, None]).squeeze(1)
+            in_range = (lab >= 0) & (lab < V)  # an unchecked bad label gives NaN, as in the kernel
+            tgt = torch.where(in_range, x.gather(1, lab.clamp(0, V - 1)[:, None]).squeeze(1), float("nan"))
             row_logps[n, t0:t1] = torch.where(ok, tgt - lse_c, 0.0)
             lse[n, t0:t1] = torch.where(ok, lse_c, 0.0)
             if with_stats:
@@ -204,7 +205,9 @@ def _torch_backward(logits, labels, lse, coef, ignore_index, shift, out):
             g = o if o.dtype == cdt else torch.empty(o.shape, dtype=cdt)
             torch.sub(logits[n, t0:t1].to(cdt), lse[n, t0:t1, None].to(cdt), out=g)
             g.exp_().mul_(-c[:, None])
-            g.scatter_add_(1, torch.where(r, rlab[n, t0:t1], 0)[:, None], c[:, None])
+            lab = torch.where(r, rlab[n, t0:t1], 0)
+            in_range = (lab >= 0) & (lab < V)  # as in the kernel: no one-hot term for an unchecked bad label
+            g.scatter_add_(1, lab.clamp(0, V - 1)[:, None], torch.where(in_range, c, 0.0)[:, None])
             g.masked_fill_(~r[:, None], 0.0)
             if g is not o:
                 o.copy_(g)
