@@ -19,7 +19,6 @@ gradient (TRL's DPO logs it detached; a loss that differentiates the entropy mus
 import contextlib
 import threading
 
-import torch
 from packaging.version import Version
 
 from fastdpo.linear import linear_sequence_logps
