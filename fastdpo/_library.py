@@ -16,10 +16,6 @@ from torch import Tensor
 from fastdpo import _backend, _ops
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
     """Labels outside [0, V) other than ignore_index: ValueError for CPU tensors. For CUDA tensors this would
     cost a host sync; there the kernels return NaN for such a token instead of reading out of bounds.
@@ -45,7 +41,7 @@ def logps_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool
 @logps_forward.register_fake
 def _(logits, labels, ignore_index, shift, with_stats):
     N, T, _ = logits.shape
-    dt = _compute_dtype(logits)
+    dt = _ops._compute_dtype(logits)
     rows = logits.new_empty((N, T), dtype=dt)
     return rows, logits.new_empty((N, T), dtype=dt), logits.new_empty((4, N, T) if with_stats else (0,), dtype=dt)
 
