@@ -63,9 +63,8 @@ def _triton_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens,
                       pair_weights, cfg: DPOLossConfig, num_pairs: int, total_chosen_tokens):
     B = chosen.numel()
     f32 = dict(dtype=torch.float32, device=chosen.device)
-    weights = torch.zeros(len(LOSS_TYPES), **f32)
-    for t, w in zip(cfg.loss_types, cfg.weights):
-        weights[LOSS_TYPES.index(t)] = w
+    per_type = dict(zip(cfg.loss_types, cfg.weights))
+    weights = torch.tensor([per_type.get(t, 0.0) for t in LOSS_TYPES], **f32)  # one host-to-device copy
     dummy_rank = torch.zeros(1, dtype=torch.int64, device=chosen.device)
     aot_delta, aot_rank = weights, dummy_rank
     aotu_delta, aotu_rank_c, aotu_rank_r = weights, dummy_rank, dummy_rank
