@@ -48,6 +48,12 @@ def positions_to_rows(pos: torch.Tensor, shift: bool) -> torch.Tensor:
 MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1 = range(4)
 
 
+def named_token_stats(stats: torch.Tensor) -> dict:
+    """(4, N, T) stats -> the per-token fields under TRL's names (``is_top1`` as bool)."""
+    return {"mean_logits": stats[MEAN_LOGIT], "entropy": stats[ENTROPY],
+            "log_sum_sq_probs": stats[LOG_SUM_SQ_PROBS], "is_top1": stats[IS_TOP1] > 0}
+
+
 def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool,
                   with_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (row_logps (N, T), lse (N, T), stats (4, N, T) or None); zeros on invalid rows.

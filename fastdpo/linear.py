@@ -239,11 +239,8 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     opts = LogitOptions(logit_scale, softcap, temperature)
     logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(
         hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, return_token_stats)
-    token_stats = None
-    if return_token_stats:
-        token_stats = {"mean_logits": stats[_ops.MEAN_LOGIT], "entropy": stats[_ops.ENTROPY],
-                       "log_sum_sq_probs": stats[_ops.LOG_SUM_SQ_PROBS], "is_top1": stats[_ops.IS_TOP1] > 0}
-    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None, token_stats)
+    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None,
+                         _ops.named_token_stats(stats) if return_token_stats else None)
 
 
 class LinearDPOLossFunction(torch.autograd.Function):

@@ -29,29 +29,33 @@ class SequenceLogpsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False):
+    def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False,
+                with_stats=False):
         check_logits_labels(logits, labels, ignore_index)
-        row_logps, lse, _ = _library.logps_forward(logits, labels, ignore_index, shift, False)
+        row_logps, lse, stats = _library.logps_forward(logits, labels, ignore_index, shift, bool(with_stats))
         token_logps = _ops.rows_to_positions(row_logps, shift)
         _, valid = _ops.row_labels(labels, ignore_index, shift)
         num_tokens = valid.sum(1)
         logps = token_logps.sum(1)
         if average:
             logps = logps * _mean_scale(num_tokens, logps.dtype)
-        ctx.mark_non_differentiable(num_tokens)
+        if with_stats:  # (4, N, T), aligned with the labels like token_logps
+            stats = _ops.rows_to_positions(stats.flatten(0, 1), shift).view(stats.shape)
+        ctx.mark_non_differentiable(num_tokens, stats)
         ctx.set_materialize_grads(False)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, labels, lse, num_tokens)
         ctx.options = (ignore_index, shift, average, inplace_backward)
-        return logps, token_logps, num_tokens
+        return logps, token_logps, num_tokens, stats
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_token_logps, _grad_num_tokens):
+    def backward(ctx, grad_logps, grad_token_logps, _grad_num_tokens, _grad_stats=None):
         logits, labels, lse, num_tokens = ctx.saved_tensors
         ignore_index, shift, average, inplace = ctx.options
         coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
                                      average)
-        return logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace), None, None, None, None, None
+        return (logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace),
+                None, None, None, None, None, None)
 
 
 def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
@@ -76,7 +80,7 @@ def sequence_coef_to_rows(labels, num_tokens, grad_seq, grad_token, ignore_index
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,
-                   average: bool = False, return_token_logps: bool = False,
+                   average: bool = False, return_token_logps: bool = False, return_token_stats: bool = False,
                    inplace_backward: bool = False) -> SequenceLogps:
     """Per-sequence log-probs of ``labels`` under ``logits``, in one pass over the logits.
 
@@ -87,11 +91,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
         shift: ``logits[:, t]`` scores ``labels[:, t + 1]`` (Hugging Face causal LM); False: aligned.
         average: divide each sum by its token count (0 for a sequence with no tokens).
         return_token_logps: also return the per-token log-probs (N, T), aligned with ``labels``.
+        return_token_stats: also return ``token_stats``, per-token (N, T) ``entropy``, ``mean_logits``,
+            ``log_sum_sq_probs`` and ``is_top1``, computed in the same pass (0 where masked; no gradient).
         inplace_backward: write the logits gradient into the logits' storage (they are clobbered).
 
     Returns:
-        ``SequenceLogps(logps (N,) fp32, num_tokens (N,) int64, token_logps (N, T) fp32 or None)``.
+        ``SequenceLogps(logps (N,) fp32, num_tokens (N,) int64, token_logps (N, T) fp32 or None,
+        token_stats or None)``.
     """
-    logps, token_logps, num_tokens = SequenceLogpsFunction.apply(
-        logits, labels, ignore_index, shift, average, inplace_backward)
-    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None)
+    logps, token_logps, num_tokens, stats = SequenceLogpsFunction.apply(
+        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats)
+    return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None,
+                         _ops.named_token_stats(stats) if return_token_stats else None)

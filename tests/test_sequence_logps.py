@@ -290,3 +290,30 @@ def test_is_top1_ties_take_the_first_index(backend):
     labels = torch.tensor([[0, 9, 3, 7]])
     _, _, stats = _ops.logps_forward(logits, labels, -100, True, with_stats=True)
     assert stats[_ops.IS_TOP1, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_return_token_stats(backend, shift):
+    """sequence_logps(return_token_stats=True): the same statistics, aligned with the labels like token_logps,
+    and the gradient is that of the plain call."""
+    logits, labels = make_batch(3, 7, 500, torch.float32, mask="prompt")
+    labels[:, 5] = logits[:, 4 if shift else 5].argmax(-1)  # some labels are the top-1 token
+    x = logits.double()
+    p = torch.softmax(x, -1)
+    ref = {"mean_logits": x.mean(-1), "entropy": torch.logsumexp(x, -1) - (p * x).sum(-1),
+           "log_sum_sq_probs": (p * p).sum(-1).log()}
+    valid = labels != -100
+    if shift:  # position t (its label) is scored by the logits of t - 1
+        ref = {k: torch.cat([torch.zeros(3, 1, dtype=v.dtype), v[:, :-1]], 1) for k, v in ref.items()}
+        valid[:, 0] = False
+    top1 = x.argmax(-1)
+    top1 = torch.cat([torch.full((3, 1), -1), top1[:, :-1]], 1) if shift else top1
+    out, grad = check(logits, labels, shift=shift, return_token_stats=True)
+    plain, plain_grad = check(logits, labels, shift=shift)
+    assert torch.equal(grad, plain_grad) and plain.token_stats is None
+    for name, val in ref.items():
+        torch.testing.assert_close(out.token_stats[name].double(), torch.where(valid, val, 0.0), rtol=1e-5,
+                                   atol=1e-5)
+    assert torch.equal(out.token_stats["is_top1"], valid & (top1 == labels))
+    assert out.token_stats["is_top1"].sum() == 3
+    assert not out.token_stats["entropy"].requires_grad
