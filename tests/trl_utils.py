@@ -49,7 +49,7 @@ def preference_dataset(n: int = 16, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
-def dpo_trainer(tmp_path, model=None, **config):
+def dpo_trainer(tmp_path, model=None, eval_dataset=None, **config):
     from trl import DPOConfig, DPOTrainer
 
     tok = tiny_tokenizer()
@@ -58,4 +58,4 @@ def dpo_trainer(tmp_path, model=None, **config):
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
                      logging_steps=1, save_strategy="no", seed=0, **config)
     return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=preference_dataset(),
-                      processing_class=tok)
+                      eval_dataset=eval_dataset, processing_class=tok)

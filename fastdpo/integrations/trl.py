@@ -1,4 +1,4 @@
-"""TRL's DPOTrainer through fastdpo's fused-linear kernels.
+"""TRL's DPOTrainer through fastdpo's kernels.
 
 TRL >= 1.15 computes DPO log-probs through its fused LM head (``trl.trainer.utils.add_fused_lm_head``), which
 calls ``_ChunkedLogProbFunction`` on the hidden states of the scored positions and reads per-token
@@ -11,9 +11,13 @@ policy and the reference forward alike, with ``fastdpo.linear_sequence_logps`` r
 
 or ``FastDPOTrainer``, a DPOTrainer subclass that routes only its own loss computation through fastdpo.
 
-Not covered yet: TRL <= 0.28 (``concatenated_forward`` / ``get_batch_loss_metrics`` on full logits);
-``patch()`` raises for it, naming the version. The entropy fastdpo returns carries no
-gradient (TRL's DPO logs it detached; a loss that differentiates the entropy must not use the patch).
+TRL 0.26-0.28 computes DPO on full logits in ``DPOTrainer.concatenated_forward`` and
+``get_batch_loss_metrics``; there ``patch()`` replaces those two methods (``_trl_legacy``): the loss runs
+through ``fastdpo.dpo_loss`` (fused forward, loss head and dlogits backward), the reference forward through
+``fastdpo.sequence_logps``. Other TRL versions (0.29-1.14, < 0.26) raise, naming the version.
+
+The entropy fastdpo returns carries no gradient (TRL's DPO logs it detached; a loss that differentiates the
+entropy must not use the patch).
 """
 
 import contextlib
@@ -24,8 +28,10 @@ from packaging.version import Version
 from fastdpo.linear import linear_sequence_logps
 
 _LOCK = threading.Lock()
-_ORIGINAL = None
+_ORIGINAL = None  # what patch() replaced: TRL's function (>= 1.15) or its two DPOTrainer methods (0.x)
 MIN_TRL = Version("1.15")
+LEGACY_TRL = (Version("0.26"), Version("0.29"))  # full-logit DPOTrainer sharing 0.28's code: [0.26, 0.29)
+_LEGACY_METHODS = ("concatenated_forward", "get_batch_loss_metrics")
 
 
 class FusedLogProbFunction:
@@ -49,37 +55,56 @@ class FusedLogProbFunction:
         return (out.token_logps[0], *(stats[f][0] if f in outputs else None for f in fields))
 
 
-def _trl_utils():
+def _trl_kind():
+    """("fused", trl.trainer.utils) for TRL >= 1.15, ("legacy", DPOTrainer) for 0.26-0.28; else an error."""
     try:
         import trl
         import trl.trainer.utils as utils
     except ImportError as e:  # pragma: no cover - the extra is not installed
         raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from e
     version = Version(trl.__version__)
-    if version < MIN_TRL or not hasattr(utils, "_ChunkedLogProbFunction"):
-        raise RuntimeError(f"fastdpo.integrations.trl supports TRL >= {MIN_TRL} (its fused LM head); TRL "
-                           f"{trl.__version__} computes DPO on full logits: use fastdpo.dpo_loss there")
-    return utils
+    if version >= MIN_TRL and hasattr(utils, "_ChunkedLogProbFunction"):
+        return "fused", utils
+    if LEGACY_TRL[0] <= version < LEGACY_TRL[1]:
+        from trl import DPOTrainer
+        if all(hasattr(DPOTrainer, m) for m in _LEGACY_METHODS):
+            return "legacy", DPOTrainer
+    raise RuntimeError(f"fastdpo.integrations.trl supports TRL >= {MIN_TRL} (its fused LM head) and "
+                       f"{LEGACY_TRL[0]} <= TRL < {LEGACY_TRL[1]} (full logits); TRL {trl.__version__} is neither: "
+                       "call fastdpo.dpo_loss or fastdpo.policy_logps from your own loss there")
 
 
 def patch() -> None:
-    """Route TRL's fused LM head (every DPOTrainer built or running from now on) through fastdpo."""
+    """Route every DPOTrainer built or running from now on through fastdpo: TRL >= 1.15's fused LM head, or
+    TRL 0.26-0.28's ``concatenated_forward`` and ``get_batch_loss_metrics``."""
     global _ORIGINAL
-    utils = _trl_utils()
+    kind, target = _trl_kind()
     with _LOCK:
-        if _ORIGINAL is None:
-            _ORIGINAL = utils._ChunkedLogProbFunction
-            utils._ChunkedLogProbFunction = FusedLogProbFunction
+        if _ORIGINAL is not None:
+            return
+        if kind == "fused":
+            _ORIGINAL = target._ChunkedLogProbFunction
+            target._ChunkedLogProbFunction = FusedLogProbFunction
+        else:
+            from fastdpo.integrations import _trl_legacy
+            _ORIGINAL = {m: target.__dict__[m] for m in _LEGACY_METHODS}
+            for m in _LEGACY_METHODS:
+                setattr(target, m, getattr(_trl_legacy, m))
 
 
 def unpatch() -> None:
-    """Restore TRL's own fused LM head."""
+    """Restore TRL's own code."""
     global _ORIGINAL
-    utils = _trl_utils()
+    kind, target = _trl_kind()
     with _LOCK:
-        if _ORIGINAL is not None:
-            utils._ChunkedLogProbFunction = _ORIGINAL
-            _ORIGINAL = None
+        if _ORIGINAL is None:
+            return
+        if kind == "fused":
+            target._ChunkedLogProbFunction = _ORIGINAL
+        else:
+            for m, fn in _ORIGINAL.items():
+                setattr(target, m, fn)
+        _ORIGINAL = None
 
 
 def is_patched() -> bool:
@@ -98,8 +123,19 @@ def patched():
             unpatch()
 
 
-def _make_trainer_class():
+def _make_trainer_class(kind):
     from trl import DPOTrainer
+
+    if kind == "legacy":
+        from fastdpo.integrations import _trl_legacy
+
+        class FastDPOTrainer(DPOTrainer):
+            """``trl.DPOTrainer`` (0.26-0.28) whose loss and reference log-probs run through fastdpo."""
+
+            concatenated_forward = _trl_legacy.concatenated_forward
+            get_batch_loss_metrics = _trl_legacy.get_batch_loss_metrics
+
+        return FastDPOTrainer
 
     class FastDPOTrainer(DPOTrainer):
         """``trl.DPOTrainer`` whose loss and reference log-probs run through fastdpo (no global patch)."""
@@ -117,8 +153,7 @@ def _make_trainer_class():
 
 def __getattr__(name):
     if name == "FastDPOTrainer":  # built on first use: importing this module does not import TRL
-        _trl_utils()
-        cls = _make_trainer_class()
+        cls = _make_trainer_class(_trl_kind()[0])
         globals()[name] = cls
         return cls
     raise AttributeError(name)
