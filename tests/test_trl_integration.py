@@ -108,9 +108,9 @@ def test_patched_training_equals_trl(tmp_path, trl_calls, config):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("version", ["1.10.0", "0.25.0", "0.29.1", "0.28.0"])
+@pytest.mark.parametrize("version", ["1.10.0", "0.23.1", "0.29.1", "0.28.0"])
 def test_unsupported_trl_version_is_named(monkeypatch, version):
-    """Versions outside [0.26, 0.29) and >= 1.15 raise naming the version; so does a 0.28 whose DPOTrainer lacks
+    """Versions outside [0.24, 0.29) and >= 1.15 raise naming the version; so does a 0.28 whose DPOTrainer lacks
     the methods the 0.x integration replaces (here TRL 1.16's trainer)."""
     import trl
 

@@ -1,4 +1,4 @@
-"""TRL 0.26-0.28's ``DPOTrainer`` (full logits) through ``fastdpo.dpo_loss``.
+"""TRL 0.24-0.28's ``DPOTrainer`` (full logits) through ``fastdpo.dpo_loss``.
 
 TRL 0.x runs the policy on the concatenated batch, turns the logits into per-sequence log-probs in
 ``concatenated_forward`` (``selective_log_softmax``, a log-softmax kept for backward) and computes the loss in
@@ -36,19 +36,19 @@ def legacy_config(trainer) -> Tuple[DPOLossConfig, float]:
     """``(DPOLossConfig, reward scale)`` reproducing a TRL 0.x trainer's loss, or a ``ValueError`` naming every
     option whose TRL 0.x semantics fastdpo does not reproduce."""
     args = trainer.args
-    types = ["aot_unpaired" if t == "aot_pair" else t for t in trainer.loss_type]  # 0.26/0.27's name
+    types = ["aot_unpaired" if t == "aot_pair" else t for t in trainer.loss_type]  # the name before 0.28
     weights = [float(w) for w in trainer.loss_weights] if trainer.loss_weights else [1.0] * len(types)
     eps = float(trainer.label_smoothing)
     f_div = getattr(trainer.f_divergence_type, "value", trainer.f_divergence_type)
     # TRL 0.28 stores the option as a string but compares it with its Enum: it computes reverse KL whatever
-    # the option says. 0.26/0.27 keep the Enum and compute what it names.
+    # the option says. 0.24-0.27 keep the Enum and compute what it names.
     f_div_ignored = isinstance(trainer.f_divergence_type, str) and f_div != "reverse_kl"
     bad: List[str] = []
     if trainer.is_encoder_decoder:
         bad.append("encoder-decoder models")
     if trainer.padding_free:
         bad.append("padding_free=True")
-    if args.use_liger_kernel:
+    if getattr(args, "use_liger_kernel", False) or getattr(args, "use_liger_loss", False):  # 0.24's name
         bad.append("use_liger_kernel=True (TRL's own Liger loss; fastdpo replaces it)")
     if args.ld_alpha is not None:
         bad.append("ld_alpha (TRL 0.x's LD-DPO masks count positions from the start of the prompt, not of the "
@@ -121,7 +121,7 @@ def _forward(trainer, model, batch):
     token_type_ids = pad_to_length(cb["token_type_ids"], input_ids.shape[1], 0) if has_tt else None
     extra = (token_type_ids,) if has_tt else ()
 
-    # Flush and truncate, exactly as TRL 0.26-0.28
+    # Flush and truncate, exactly as TRL 0.24-0.28
     max_length = trainer.max_length
     if max_length is not None and max_length < attention_mask.size(1):
         if trainer.truncation_mode == "keep_start":

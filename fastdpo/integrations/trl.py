@@ -11,10 +11,10 @@ policy and the reference forward alike, with ``fastdpo.linear_sequence_logps`` r
 
 or ``FastDPOTrainer``, a DPOTrainer subclass that routes only its own loss computation through fastdpo.
 
-TRL 0.26-0.28 computes DPO on full logits in ``DPOTrainer.concatenated_forward`` and
+TRL 0.24-0.28 computes DPO on full logits in ``DPOTrainer.concatenated_forward`` and
 ``get_batch_loss_metrics``; there ``patch()`` replaces those two methods (``_trl_legacy``): the loss runs
 through ``fastdpo.dpo_loss`` (fused forward, loss head and dlogits backward), the reference forward through
-``fastdpo.sequence_logps``. Other TRL versions (0.29-1.14, < 0.26) raise, naming the version.
+``fastdpo.sequence_logps``. Other TRL versions (0.29-1.14, < 0.24) raise, naming the version.
 
 The entropy fastdpo returns carries no gradient (TRL's DPO logs it detached; a loss that differentiates the
 entropy must not use the patch).
@@ -30,7 +30,7 @@ from fastdpo.linear import linear_sequence_logps
 _LOCK = threading.Lock()
 _ORIGINAL = None  # what patch() replaced: TRL's function (>= 1.15) or its two DPOTrainer methods (0.x)
 MIN_TRL = Version("1.15")
-LEGACY_TRL = (Version("0.26"), Version("0.29"))  # full-logit DPOTrainer sharing 0.28's code: [0.26, 0.29)
+LEGACY_TRL = (Version("0.24"), Version("0.29"))  # full-logit DPOTrainers sharing 0.28's code: [0.24, 0.29)
 _LEGACY_METHODS = ("concatenated_forward", "get_batch_loss_metrics")
 
 
@@ -56,7 +56,7 @@ class FusedLogProbFunction:
 
 
 def _trl_kind():
-    """("fused", trl.trainer.utils) for TRL >= 1.15, ("legacy", DPOTrainer) for 0.26-0.28; else an error."""
+    """("fused", trl.trainer.utils) for TRL >= 1.15, ("legacy", DPOTrainer) for 0.24-0.28; else an error."""
     try:
         import trl
         import trl.trainer.utils as utils
@@ -76,7 +76,7 @@ def _trl_kind():
 
 def patch() -> None:
     """Route every DPOTrainer built or running from now on through fastdpo: TRL >= 1.15's fused LM head, or
-    TRL 0.26-0.28's ``concatenated_forward`` and ``get_batch_loss_metrics``."""
+    TRL 0.24-0.28's ``concatenated_forward`` and ``get_batch_loss_metrics``."""
     global _ORIGINAL
     kind, target = _trl_kind()
     with _LOCK:
@@ -130,7 +130,7 @@ def _make_trainer_class(kind):
         from fastdpo.integrations import _trl_legacy
 
         class FastDPOTrainer(DPOTrainer):
-            """``trl.DPOTrainer`` (0.26-0.28) whose loss and reference log-probs run through fastdpo."""
+            """``trl.DPOTrainer`` (0.24-0.28) whose loss and reference log-probs run through fastdpo."""
 
             concatenated_forward = _trl_legacy.concatenated_forward
             get_batch_loss_metrics = _trl_legacy.get_batch_loss_metrics
