@@ -49,13 +49,16 @@ def preference_dataset(n: int = 16, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
-def dpo_trainer(tmp_path, model=None, eval_dataset=None, **config):
+def dpo_trainer(tmp_path, model=None, eval_dataset=None, train_dataset=None, **config):
     from trl import DPOConfig, DPOTrainer
 
     tok = tiny_tokenizer()
     model = model if model is not None else tiny_llama(len(tok))
-    config.setdefault("bf16", False)  # TRL 1.16 defaults to bf16 autocast, on CPU too: tests compare fp32
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
-                     logging_steps=1, save_strategy="no", seed=0, **config)
-    return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=preference_dataset(),
+    options = dict(per_device_train_batch_size=4, use_cpu=True, report_to="none", logging_steps=1,
+                   save_strategy="no", seed=0,
+                   bf16=False)  # TRL 1.16 defaults to bf16 autocast, on CPU too: tests compare fp32
+    options.update(config)
+    args = DPOConfig(output_dir=str(tmp_path), **options)
+    return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                      train_dataset=train_dataset if train_dataset is not None else preference_dataset(),
                       eval_dataset=eval_dataset, processing_class=tok)

@@ -4,9 +4,12 @@ TRL 0.x runs the policy on the concatenated batch, turns the logits into per-seq
 ``concatenated_forward`` (``selective_log_softmax``, a log-softmax kept for backward) and computes the loss in
 ``get_batch_loss_metrics`` / ``dpo_loss``. fastdpo replaces both methods:
 
-- ``get_batch_loss_metrics``: the same model call on the same tokens (prompt + completion, flushed left,
-  truncated as TRL does), then one ``fastdpo.dpo_loss`` on the logits: the fused forward, the loss head and a
-  backward that writes dlogits straight from the saved log-sum-exp. It logs TRL 0.x's metrics, with TRL 0.x's
+- ``get_batch_loss_metrics``: the reference forward first, then the same model call on the same tokens
+  (prompt + completion, flushed left, truncated as TRL does), then one ``fastdpo.dpo_loss`` on the logits: the
+  fused forward, the loss head and a backward that writes dlogits straight from the saved log-sum-exp, into
+  the logits' own storage by default (``INPLACE_BACKWARD``): the step then holds one logits-sized buffer.
+  A model whose autograd graph saves its logits (one ending in ``tanh`` or ``exp``) makes that backward raise
+  (autograd's version check), never silently wrong: ``patch(inplace_backward=False)`` there. It logs TRL 0.x's metrics, with TRL 0.x's
   semantics (``ipo`` on length-averaged log-probs, cDPO ``label_smoothing`` for ``sigmoid``, rewards summed
   over the loss types' weights).
 - ``concatenated_forward`` (the reference forward, ``precompute_ref_log_probs``, and anything else that calls
@@ -25,6 +28,10 @@ from fastdpo.logps import sequence_logps
 from fastdpo.losses import DPOLossConfig
 
 IGNORE = -100
+# dlogits into the logits' own storage (the model's output, which nothing else reads once the loss is formed):
+# set by ``fastdpo.integrations.trl.patch(inplace_backward=...)``; a trainer's ``fastdpo_inplace_backward``
+# attribute overrides it.
+INPLACE_BACKWARD = True
 # TRL 0.x's `reference_free` zeroes the reference only in the log-ratios these loss types read; the others
 # (nca_pair, sppo_hard, aot, discopop, ...) still read the reference log-probs directly.
 _REFERENCE_FREE_TYPES = {"sigmoid", "robust", "exo_pair", "hinge", "ipo", "apo_zero", "apo_down", "sft"}
@@ -186,11 +193,12 @@ def concatenated_forward(self, model, batch, is_ref_model=False):
 def get_batch_loss_metrics(self, model, batch, train_eval="train"):
     """TRL 0.x's ``get_batch_loss_metrics``: the loss through ``fastdpo.dpo_loss``, TRL 0.x's metrics."""
     config, reward_scale = legacy_config(self)
-    logits, labels, outputs, B = _forward(self, model, batch)
+    # The reference first (TRL runs it second): its logits are freed before the policy's exist
     if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_chosen, ref_rejected = self.compute_ref_log_probs(batch)
+    logits, labels, outputs, B = _forward(self, model, batch)
     ref_chosen = ref_chosen.to(logits.device, torch.float32)
     ref_rejected = ref_rejected.to(logits.device, torch.float32)
     counts = (labels != IGNORE).sum(1)
@@ -201,7 +209,8 @@ def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         loss_refs = (ref_chosen, ref_rejected)
     if self.reference_free:
         loss_refs = (None, None)
-    out = dpo_loss(logits, labels, *loss_refs, config=config, shift=False)
+    inplace = bool(getattr(self, "fastdpo_inplace_backward", INPLACE_BACKWARD))
+    out = dpo_loss(logits, labels, *loss_refs, config=config, shift=False, inplace_backward=inplace)
     loss = out.loss
     if self.aux_loss_enabled:
         loss = loss + self.aux_loss_coef * outputs.aux_loss

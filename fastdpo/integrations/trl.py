@@ -74,12 +74,20 @@ def _trl_kind():
                        "call fastdpo.dpo_loss or fastdpo.policy_logps from your own loss there")
 
 
-def patch() -> None:
+def patch(*, inplace_backward: bool = True) -> None:
     """Route every DPOTrainer built or running from now on through fastdpo: TRL >= 1.15's fused LM head, or
-    TRL 0.24-0.28's ``concatenated_forward`` and ``get_batch_loss_metrics``."""
+    TRL 0.24-0.28's ``concatenated_forward`` and ``get_batch_loss_metrics``.
+
+    ``inplace_backward`` (TRL 0.x, which hands fastdpo the model's logits): write dlogits into the logits'
+    storage, so a step holds one logits-sized buffer instead of two. A model whose autograd graph saves its
+    logits (one ending in ``tanh`` or ``exp``) then fails in backward with autograd's in-place error: pass
+    False there. TRL >= 1.15 never builds the logits: the option has nothing to act on."""
     global _ORIGINAL
     kind, target = _trl_kind()
     with _LOCK:
+        if kind == "legacy":
+            from fastdpo.integrations import _trl_legacy
+            _trl_legacy.INPLACE_BACKWARD = bool(inplace_backward)
         if _ORIGINAL is not None:
             return
         if kind == "fused":
@@ -112,13 +120,16 @@ def is_patched() -> bool:
 
 
 @contextlib.contextmanager
-def patched():
-    """``patch()`` for the duration of a block (restores TRL's head after, unless it was patched before)."""
-    was = is_patched()
-    patch()
+def patched(**options):
+    """``patch(**options)`` for the duration of a block (restores TRL's code after, unless it was patched
+    before)."""
+    from fastdpo.integrations import _trl_legacy
+    was, inplace = is_patched(), _trl_legacy.INPLACE_BACKWARD
+    patch(**options)
     try:
         yield
     finally:
+        _trl_legacy.INPLACE_BACKWARD = inplace
         if not was:
             unpatch()
 
@@ -130,7 +141,10 @@ def _make_trainer_class(kind):
         from fastdpo.integrations import _trl_legacy
 
         class FastDPOTrainer(DPOTrainer):
-            """``trl.DPOTrainer`` (0.24-0.28) whose loss and reference log-probs run through fastdpo."""
+            """``trl.DPOTrainer`` (0.24-0.28) whose loss and reference log-probs run through fastdpo; set
+            ``fastdpo_inplace_backward = False`` on it (or a subclass) for models whose graph saves the logits."""
+
+            fastdpo_inplace_backward = True
 
             concatenated_forward = _trl_legacy.concatenated_forward
             get_batch_loss_metrics = _trl_legacy.get_batch_loss_metrics

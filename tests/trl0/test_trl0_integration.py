@@ -257,3 +257,34 @@ def test_unpatch_restores_trl():
     fdt.unpatch()
     assert (trl_dpo.DPOTrainer.concatenated_forward, trl_dpo.DPOTrainer.get_batch_loss_metrics) == original
     assert not fdt.is_patched()
+
+
+def _tanh_head(trainer):
+    """An LM head ending in tanh: tanh's backward reads its saved output, the logits fastdpo would overwrite."""
+    for model in (trainer.model, trainer.ref_model):
+        model.lm_head.register_forward_hook(lambda module, args, out: torch.tanh(out))
+
+
+def test_inplace_backward_is_the_same_step(tmp_path, monkeypatch):
+    """The default writes dlogits into the logits' storage: the same bits as a separate gradient buffer."""
+    from fastdpo.integrations import _trl_legacy
+
+    inplace = _step(tmp_path / "inplace", {}, patch=True)
+    monkeypatch.setattr(_trl_legacy, "INPLACE_BACKWARD", False)
+    separate = _step(tmp_path / "separate", {}, patch=True)
+    assert torch.equal(inplace[0], separate[0])
+    assert all(torch.equal(a, b) for a, b in zip(inplace[2], separate[2]))
+
+
+def test_model_that_saves_its_logits_raises_not_silently_wrong(tmp_path, trl_calls):
+    """In-place dlogits on a graph that saved the logits: autograd's version check raises. With
+    patch(inplace_backward=False) the step is TRL's."""
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _step(tmp_path / "inplace", {}, patch=True, prepare=_tanh_head)
+    reference = _step(tmp_path / "trl", {}, patch=False, prepare=_tanh_head)
+    trl_calls["n"] = 0
+    with fdt.patched(inplace_backward=False):
+        separate = _step(tmp_path / "separate", {}, patch=False, prepare=_tanh_head)
+    from fastdpo.integrations import _trl_legacy
+    assert _trl_legacy.INPLACE_BACKWARD and trl_calls["n"] == 0
+    _same_step(reference, separate)
