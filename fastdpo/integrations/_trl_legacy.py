@@ -61,7 +61,8 @@ def legacy_config(trainer) -> Tuple[DPOLossConfig, float]:
         bad.append("ld_alpha (TRL 0.x's LD-DPO masks count positions from the start of the prompt, not of the "
                    "completion; fastdpo implements LD-DPO as TRL >= 1.15)")
     if trainer.use_weighting:
-        bad.append("use_weighting (TRL 0.x clamps the WPO weights at 1 and also weights the RPO term)")
+        bad.append("use_weighting (TRL 0.x offsets its WPO token log-probs by one position from their log sum "
+                   "p^2 terms, clamps the weights at 1 and also weights the RPO term)")
     if "bco_pair" in types:
         bad.append("loss_type 'bco_pair' (TRL 0.x shifts it by a running mean of the rewards over steps)")
     if "ipo" in types and set(types) - {"ipo", "sft"}:
