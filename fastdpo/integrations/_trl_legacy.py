@@ -19,13 +19,15 @@ Options whose TRL 0.x semantics fastdpo does not reproduce raise a ``ValueError`
 runs), never a silent difference: see ``legacy_config``.
 """
 
+import dataclasses
+from types import SimpleNamespace
 from typing import List, Tuple
 
 import torch
 
 from fastdpo.dpo import dpo_loss
 from fastdpo.logps import sequence_logps
-from fastdpo.losses import DPOLossConfig
+from fastdpo.losses import DPOLossConfig, dpo_loss_from_logps, pair_losses, token_nll
 
 IGNORE = -100
 # dlogits into the logits' own storage (the model's output, which nothing else reads once the loss is formed):
@@ -63,8 +65,6 @@ def legacy_config(trainer) -> Tuple[DPOLossConfig, float]:
     if trainer.use_weighting:
         bad.append("use_weighting (TRL 0.x offsets its WPO token log-probs by one position from their log sum "
                    "p^2 terms, clamps the weights at 1 and also weights the RPO term)")
-    if "bco_pair" in types:
-        bad.append("loss_type 'bco_pair' (TRL 0.x shifts it by a running mean of the rewards over steps)")
     if "ipo" in types and set(types) - {"ipo", "sft"}:
         bad.append(f"'ipo' with {sorted(set(types) - {'ipo', 'sft'})} (TRL 0.x then length-averages the "
                    "log-probs every loss type reads)")
@@ -211,7 +211,10 @@ def get_batch_loss_metrics(self, model, batch, train_eval="train"):
     if self.reference_free:
         loss_refs = (None, None)
     inplace = bool(getattr(self, "fastdpo_inplace_backward", INPLACE_BACKWARD))
-    out = dpo_loss(logits, labels, *loss_refs, config=config, shift=False, inplace_backward=inplace)
+    if "bco_pair" in config.loss_types:
+        out = _bco_pair_loss(self, logits, labels, ref_chosen, ref_rejected, config, inplace)
+    else:
+        out = dpo_loss(logits, labels, *loss_refs, config=config, shift=False, inplace_backward=inplace)
     loss = out.loss
     if self.aux_loss_enabled:
         loss = loss + self.aux_loss_coef * outputs.aux_loss
@@ -240,3 +243,33 @@ def get_batch_loss_metrics(self, model, batch, train_eval="train"):
     if self.aux_loss_enabled:
         metrics[f"{prefix}aux_loss"] = mean(outputs.aux_loss)
     return loss, metrics
+
+
+def _bco_pair_loss(self, logits, labels, ref_chosen, ref_rejected, config, inplace):
+    """TRL 0.x's ``bco_pair``: -logsig(beta c - delta) - logsig(-(beta r - delta)), with delta the running mean of
+    the batch-mean rewards (``self.running``), updated with this batch's first. delta needs this batch's
+    log-probs before the loss, so the loss runs in two stages: the fused log-probs (``sequence_logps``, whose
+    backward is the same single dlogits pass), then the loss formulas on the (B,) numbers, with the reference
+    shifted by delta / beta for ``bco_pair`` alone."""
+    seq = sequence_logps(logits, labels, shift=False, return_token_stats=True, inplace_backward=inplace)
+    B = ref_chosen.shape[0]
+    chosen, rejected = seq.logps[:B], seq.logps[B:]
+    counts = seq.num_tokens.to(chosen.dtype)
+    beta = config.beta
+    self.running.update(torch.cat((beta * (chosen - ref_chosen), beta * (rejected - ref_rejected))).mean().detach())
+    shift = self.running.mean / beta
+    per_type = dict(zip(config.loss_types, config.weights))
+    bco = pair_losses("bco_pair", config, chosen, rejected, ref_chosen + shift, ref_rejected + shift, counts[:B],
+                      counts[B:], chosen)
+    loss = per_type.pop("bco_pair") * bco.mean()
+    if per_type:  # the other loss types (and RPO's NLL) read the plain reference
+        others = dataclasses.replace(config, loss_type=tuple(per_type), loss_weights=tuple(per_type.values()))
+        loss = loss + dpo_loss_from_logps(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens=counts[:B],
+                                          rejected_tokens=counts[B:], config=others)
+    elif config.nll_alpha:
+        loss = loss + config.nll_alpha * token_nll(chosen, counts[:B].sum())
+    mean_logits = seq.token_stats["mean_logits"].sum(1)
+    metrics = {"logits/chosen": mean_logits[:B].sum() / counts[:B].sum(),
+               "logits/rejected": mean_logits[B:].sum() / counts[B:].sum()}
+    return SimpleNamespace(loss=loss, chosen_logps=chosen.detach(), rejected_logps=rejected.detach(),
+                           metrics=metrics)

@@ -42,6 +42,8 @@ STEP_CONFIGS = [
     dict(loss_type=["ipo", "sft"]),
     dict(loss_type="exo_pair"),  # TRL 0.x: label_smoothing 0 -> 1e-3
     dict(loss_type="nca_pair"),
+    dict(loss_type="bco_pair"),  # a running mean of the rewards: two stages (the mean needs the log-probs)
+    dict(loss_type=["bco_pair", "sigmoid", "sft"], loss_weights=[0.5, 1.0, 0.2], rpo_alpha=0.3),
     dict(loss_type="sppo_hard"),
     dict(loss_type=["aot", AOT_UNPAIRED]),
     dict(loss_type="apo_zero"),
@@ -54,7 +56,7 @@ STEP_CONFIGS = [
     dict(loss_type="sigmoid", use_logits_to_keep=True),
 ]
 TRAIN_CONFIGS = [dict(loss_type="sigmoid"), dict(loss_type="ipo"), dict(loss_type="hinge"),
-                 dict(loss_type="robust", label_smoothing=0.1),
+                 dict(loss_type="robust", label_smoothing=0.1), dict(loss_type="bco_pair"),
                  dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 0.2])]
 
 
@@ -211,7 +213,6 @@ def test_precomputed_reference_and_evaluation(tmp_path, trl_calls):
 @pytest.mark.parametrize("config,word", [
     (dict(ld_alpha=0.5), "ld_alpha"),
     (dict(use_weighting=True), "use_weighting"),
-    (dict(loss_type="bco_pair"), "bco_pair"),
     (dict(loss_type=["ipo", "sigmoid"]), "'ipo'"),
     (dict(f_divergence_type="alpha_divergence"), "alpha_divergence"),
     *([(dict(f_divergence_type="js_divergence"), "computes reverse KL")] if F_DIV_IGNORED else []),
