@@ -1,17 +1,18 @@
 """TRL 0.24-0.28's ``DPOTrainer`` (full logits) through ``fastdpo.dpo_loss``.
 
 TRL 0.x runs the policy on the concatenated batch, turns the logits into per-sequence log-probs in
-``concatenated_forward`` (``selective_log_softmax``, a log-softmax kept for backward) and computes the loss in
-``get_batch_loss_metrics`` / ``dpo_loss``. fastdpo replaces both methods:
+``concatenated_forward`` (``selective_log_softmax``: a row loop of logsumexp, or log_softmax in bf16) and
+computes the loss in ``get_batch_loss_metrics`` / ``dpo_loss``. fastdpo replaces both methods:
 
-- ``get_batch_loss_metrics``: the reference forward first, then the same model call on the same tokens
-  (prompt + completion, flushed left, truncated as TRL does), then one ``fastdpo.dpo_loss`` on the logits: the
-  fused forward, the loss head and a backward that writes dlogits straight from the saved log-sum-exp, into
-  the logits' own storage by default (``INPLACE_BACKWARD``): the step then holds one logits-sized buffer.
-  A model whose autograd graph saves its logits (one ending in ``tanh`` or ``exp``) makes that backward raise
-  (autograd's version check), never silently wrong: ``patch(inplace_backward=False)`` there. It logs TRL 0.x's metrics, with TRL 0.x's
-  semantics (``ipo`` on length-averaged log-probs, cDPO ``label_smoothing`` for ``sigmoid``, rewards summed
-  over the loss types' weights).
+- ``get_batch_loss_metrics``: the reference forward first (its logits are gone before the policy's exist),
+  then the same model call on the same tokens (prompt + completion, flushed left, truncated as TRL does), then
+  one ``fastdpo.dpo_loss`` on the logits: the fused forward, the loss head and a backward that writes dlogits
+  straight from the saved log-sum-exp, into the logits' own storage by default (``INPLACE_BACKWARD``): the
+  step holds one logits-sized buffer. A model whose autograd graph saves its logits (one ending in ``tanh``
+  or ``exp``) makes that backward raise (autograd's version check), never silently wrong:
+  ``patch(inplace_backward=False)`` there. Logs TRL 0.x's metrics with TRL 0.x's semantics (``ipo`` on
+  length-averaged log-probs, cDPO ``label_smoothing`` for ``sigmoid``, ``bco_pair``'s running mean, rewards
+  summed over the loss types' weights).
 - ``concatenated_forward`` (the reference forward, ``precompute_ref_log_probs``, and anything else that calls
   it): ``fastdpo.sequence_logps`` with its per-token statistics, returning the keys TRL reads.
 
