@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 
 import fastdpo.integrations.trl as fdt  # noqa: E402
 from trl.kernels import chunked_logprob  # noqa: E402
-from trl_utils import dpo_trainer  # noqa: E402
+from trl_utils import train_three_steps, trainer_step  # noqa: E402
 
 LOGGED = ["rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "logits/chosen",
           "mean_token_accuracy"]
@@ -37,23 +37,8 @@ def trl_calls(monkeypatch):
     return calls
 
 
-def _step(tmp_path, config, patch, cls=None):
-    """One loss + backward of a DPOTrainer on its first batch: (loss, metrics, parameter gradients)."""
-    ctx = fdt.patched() if patch else contextlib.nullcontext()
-    with ctx:
-        trainer = dpo_trainer(tmp_path, **config)
-        if cls is not None:
-            trainer.__class__ = cls
-        torch.manual_seed(1)
-        with torch.no_grad():  # policy away from its reference: rewards and margins are not ~0
-            for p in trainer.model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.model.train()
-        loss = trainer._compute_loss(trainer.model, batch, False)
-        loss.backward()
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
+def _step(tmp_path, config, patch, **kw):
+    return trainer_step(tmp_path, config, fdt.patched() if patch else contextlib.nullcontext(), **kw)
 
 
 def _same_step(a, b):
@@ -85,20 +70,13 @@ def test_fast_dpo_trainer_subclass(tmp_path, trl_calls):
     _same_step(reference, fast)
 
 
-def _train(path, **config):
-    trainer = dpo_trainer(path, max_steps=3, learning_rate=1e-3, **config)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "+".join(c.get("loss_type", ["sigmoid-wpo"])))
 def test_patched_training_equals_trl(tmp_path, trl_calls, config):
     """3 steps of AdamW: same logged loss, margins, log-probs and final weights."""
-    ref_logs, ref_w = _train(tmp_path / "trl", **config)
+    ref_logs, ref_w = train_three_steps(tmp_path / "trl", **config)
     trl_calls["n"] = 0
     with fdt.patched():
-        logs, w = _train(tmp_path / "fastdpo", **config)
+        logs, w = train_three_steps(tmp_path / "fastdpo", **config)
     assert trl_calls["n"] == 0 and len(logs) == len(ref_logs) == 3
     for la, lb in zip(logs, ref_logs):
         for k in ["loss", "rewards/margins", "logps/chosen", "logps/rejected", "entropy"]:

@@ -62,3 +62,40 @@ def dpo_trainer(tmp_path, model=None, eval_dataset=None, train_dataset=None, **c
     return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                       train_dataset=train_dataset if train_dataset is not None else preference_dataset(),
                       eval_dataset=eval_dataset, processing_class=tok)
+
+
+def perturb(model, seed: int = 1, scale: float = 0.05):
+    """Moves a policy away from its reference copy, so rewards and margins are not ~0."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def trainer_step(tmp_path, config, context, cls=None, prepare=None):
+    """One loss + backward of a perturbed DPOTrainer on its first batch, built and run inside ``context`` (e.g.
+    fastdpo's ``patched()``): (loss, the metrics it logged, parameter gradients). TRL 1.x and 0.x alike."""
+    with context:
+        trainer = dpo_trainer(tmp_path, **config)
+        if cls is not None:
+            trainer.__class__ = cls
+        if prepare is not None:
+            prepare(trainer)
+        perturb(trainer.model)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        if hasattr(trainer, "_compute_loss"):  # TRL >= 1
+            loss, store = trainer._compute_loss(trainer.model, batch, False), trainer._metrics
+        else:
+            loss, store = trainer.compute_loss(trainer.model, batch), trainer._stored_metrics
+        loss.backward()
+    metrics = {k: v[-1] for k, v in store["train"].items()}
+    return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
+
+
+def train_three_steps(path, **config):
+    """3 AdamW steps: (the logged rows, the final weights)."""
+    trainer = dpo_trainer(path, max_steps=3, learning_rate=1e-3, **config)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

@@ -20,7 +20,7 @@ from trl.trainer import dpo_trainer as trl_dpo
 
 import fastdpo.integrations.trl as fdt
 from fastdpo.integrations._trl_legacy import legacy_config
-from trl_utils import dpo_trainer, preference_dataset
+from trl_utils import dpo_trainer, perturb, preference_dataset, train_three_steps, trainer_step
 
 assert Version(trl.__version__) < Version("1"), "tests/trl0 runs with TRL 0.x (tests/trl0/run.sh)"
 # TRL 0.28 renamed aot_pair to aot_unpaired, and stores f_divergence_type as a string it compares with an Enum
@@ -82,25 +82,8 @@ def trl_calls(monkeypatch):
     return calls
 
 
-def _step(tmp_path, config, patch, cls=None, prepare=None):
-    """One loss + backward of a DPOTrainer on its first batch: (loss, logged metrics, parameter gradients)."""
-    ctx = fdt.patched() if patch else contextlib.nullcontext()
-    with ctx:
-        trainer = dpo_trainer(tmp_path, **config)
-        if cls is not None:
-            trainer.__class__ = cls
-        if prepare is not None:
-            prepare(trainer)
-        torch.manual_seed(1)
-        with torch.no_grad():  # policy away from its reference: rewards and margins are not ~0
-            for p in trainer.model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-    metrics = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
-    return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
+def _step(tmp_path, config, patch, **kw):
+    return trainer_step(tmp_path, config, fdt.patched() if patch else contextlib.nullcontext(), **kw)
 
 
 def _same_step(a, b):
@@ -162,20 +145,13 @@ def test_fast_dpo_trainer_subclass(tmp_path, trl_calls):
     _same_step(reference, fast)
 
 
-def _train(path, **config):
-    trainer = dpo_trainer(path, max_steps=3, learning_rate=1e-3, **config)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
 @pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=_id)
 def test_patched_training_equals_trl(tmp_path, trl_calls, config):
     """3 steps of AdamW: the same logs and final weights."""
-    ref_logs, ref_w = _train(tmp_path / "trl", **config)
+    ref_logs, ref_w = train_three_steps(tmp_path / "trl", **config)
     trl_calls["n"] = 0
     with fdt.patched():
-        logs, w = _train(tmp_path / "fastdpo", **config)
+        logs, w = train_three_steps(tmp_path / "fastdpo", **config)
     assert trl_calls["n"] == 0 and len(logs) == len(ref_logs) == 3
     for la, lb in zip(logs, ref_logs):
         for k in ["loss"] + LOGGED:
@@ -192,10 +168,7 @@ def test_precomputed_reference_and_evaluation(tmp_path, trl_calls):
         with fdt.patched() if patch else contextlib.nullcontext():
             trainer = dpo_trainer(path, eval_dataset=preference_dataset(8, seed=1), precompute_ref_log_probs=True,
                                   loss_type="ipo", per_device_eval_batch_size=4)
-            torch.manual_seed(1)
-            with torch.no_grad():
-                for p in trainer.model.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
+            perturb(trainer.model)
             trainer.get_train_dataloader()  # fills the ref_* columns
             return trainer.train_dataset, trainer.evaluate()
     ref_data, ref_eval = run(tmp_path / "trl", False)
@@ -306,10 +279,8 @@ def test_bf16_model_against_float64(tmp_path):
 
     trainer = dpo_trainer(tmp_path / "exact")  # the same weights as inside _step, rebuilt
     bf16(trainer)
-    torch.manual_seed(1)
+    perturb(trainer.model)
     with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
         batch = next(iter(trainer.get_train_dataloader()))
 
         def logps(model):
