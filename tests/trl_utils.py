@@ -49,7 +49,9 @@ def preference_dataset(n: int = 16, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
-def dpo_trainer(tmp_path, model=None, eval_dataset=None, train_dataset=None, **config):
+def dpo_trainer(tmp_path, model=None, eval_dataset=None, train_dataset=None, ref_model="copy", **config):
+    """A DPOTrainer on the tiny model and dataset; ``ref_model`` defaults to a copy of the model (TRL would
+    otherwise reload it from the hub), None for a PEFT policy (TRL disables its adapters for the reference)."""
     from trl import DPOConfig, DPOTrainer
 
     tok = tiny_tokenizer()
@@ -59,7 +61,8 @@ def dpo_trainer(tmp_path, model=None, eval_dataset=None, train_dataset=None, **c
                    bf16=False)  # TRL 1.16 defaults to bf16 autocast, on CPU too: tests compare fp32
     options.update(config)
     args = DPOConfig(output_dir=str(tmp_path), **options)
-    return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+    ref_model = copy.deepcopy(model) if isinstance(ref_model, str) and ref_model == "copy" else ref_model
+    return DPOTrainer(model=model, ref_model=ref_model, args=args,
                       train_dataset=train_dataset if train_dataset is not None else preference_dataset(),
                       eval_dataset=eval_dataset, processing_class=tok)
 
@@ -90,7 +93,7 @@ def trainer_step(tmp_path, config, context, cls=None, prepare=None):
             loss, store = trainer.compute_loss(trainer.model, batch), trainer._stored_metrics
         loss.backward()
     metrics = {k: v[-1] for k, v in store["train"].items()}
-    return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters()]
+    return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
 
 
 def train_three_steps(path, **config):

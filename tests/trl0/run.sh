@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 python3 -m venv .venv-trl0
 . .venv-trl0/bin/activate
 pip install torch==2.13.0
-pip install -e . pytest "trl==0.28.0" "transformers==4.57.6"
+pip install -e . pytest peft "trl==0.28.0" "transformers==4.57.6"
 python -m pytest tests/trl0 "$@"
 # TRL 0.24 beside it (same dependencies), first on the path
 rm -rf .venv-trl0/trl-0.24
