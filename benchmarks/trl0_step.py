@@ -113,7 +113,7 @@ def main():
     print(f"TRL {t['trl']} DPOTrainer step, logits {t['logits_shape']} fp32 on {args.device}: "
           f"TRL {t['median_ms']:.0f} ms / {t['peak_mem_bytes'] / 2**30:.2f} GiB, "
           f"fastdpo {f['median_ms']:.0f} ms / {f['peak_mem_bytes'] / 2**30:.2f} GiB "
-          f"({t['median_ms'] / f['median_ms']:.2f}x faster, {f['peak_mem_bytes'] / t['peak_mem_bytes']:.2f}x the "
+          f"(speed-up {t['median_ms'] / f['median_ms']:.2f}x, {f['peak_mem_bytes'] / max(1, t['peak_mem_bytes']):.2f}x the "
           "memory)")
 
 
