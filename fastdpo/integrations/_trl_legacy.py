@@ -174,6 +174,14 @@ def _forward(trainer, model, batch):
     return logits, labels, outputs, num_examples
 
 
+def _mean_logits(seq, B):
+    """TRL 0.x's logits/chosen and logits/rejected: the mean logit over the scored positions of each half, from
+    ``sequence_logps(return_token_stats=True)`` (NaN for a half without tokens, as TRL's ``.mean()``)."""
+    per_seq = seq.token_stats["mean_logits"].sum(1)
+    counts = seq.num_tokens
+    return per_seq[:B].sum() / counts[:B].sum(), per_seq[B:].sum() / counts[B:].sum()
+
+
 def concatenated_forward(self, model, batch, is_ref_model=False):
     """TRL 0.x's ``concatenated_forward`` (the keys TRL reads) with fastdpo's fused log-probs."""
     legacy_config(self)
@@ -181,10 +189,9 @@ def concatenated_forward(self, model, batch, is_ref_model=False):
     out = sequence_logps(logits, labels, shift=False, return_token_stats=True)
     counts = out.num_tokens
     logps = out.logps / counts if "ipo" in self.loss_type else out.logps  # TRL 0.x: ipo averages
-    mean_logits = out.token_stats["mean_logits"].sum(1)
-    output = {"chosen_logps": logps[:B], "rejected_logps": logps[B:],
-              "mean_chosen_logits": mean_logits[:B].sum() / counts[:B].sum(),
-              "mean_rejected_logits": mean_logits[B:].sum() / counts[B:].sum()}
+    mean_chosen, mean_rejected = _mean_logits(out, B)
+    output = {"chosen_logps": logps[:B], "rejected_logps": logps[B:], "mean_chosen_logits": mean_chosen,
+              "mean_rejected_logits": mean_rejected}
     if self.args.rpo_alpha is not None or "sft" in self.loss_type:
         output["nll_loss"] = -out.logps[:B].sum() / counts[:B].sum()
     if self.aux_loss_enabled:
@@ -269,8 +276,7 @@ def _bco_pair_loss(self, logits, labels, ref_chosen, ref_rejected, config, inpla
                                           rejected_tokens=counts[B:], config=others)
     elif config.nll_alpha:
         loss = loss + config.nll_alpha * token_nll(chosen, counts[:B].sum())
-    mean_logits = seq.token_stats["mean_logits"].sum(1)
-    metrics = {"logits/chosen": mean_logits[:B].sum() / counts[:B].sum(),
-               "logits/rejected": mean_logits[B:].sum() / counts[B:].sum()}
+    mean_chosen, mean_rejected = _mean_logits(seq, B)
+    metrics = {"logits/chosen": mean_chosen, "logits/rejected": mean_rejected}
     return SimpleNamespace(loss=loss, chosen_logps=chosen.detach(), rejected_logps=rejected.detach(),
                            metrics=metrics)
