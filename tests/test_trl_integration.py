@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 
 import fastdpo.integrations.trl as fdt  # noqa: E402
 from trl.kernels import chunked_logprob  # noqa: E402
-from trl_utils import tiny_llama, tiny_tokenizer, train_three_steps, trainer_step  # noqa: E402
+from trl_utils import lora_policy_config, train_three_steps, trainer_step  # noqa: E402
 
 LOGGED = ["rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "logits/chosen",
           "mean_token_accuracy"]
@@ -65,17 +65,11 @@ def test_patched_step_equals_trl(tmp_path, trl_calls, config):
 def test_patched_peft_policy_without_reference_model(tmp_path, trl_calls):
     """A LoRA policy with ref_model=None (TRL scores the reference through a frozen copy of the adapter): the
     patched step equals TRL's, for the policy and the reference forward alike."""
-    from peft import LoraConfig, get_peft_model
-
-    def config():
-        model = get_peft_model(tiny_llama(len(tiny_tokenizer())),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-        return dict(model=model, ref_model=None)
-    reference = _step(tmp_path / "trl", config(), patch=False)
+    reference = _step(tmp_path / "trl", lora_policy_config(), patch=False)
     assert trl_calls["n"] > 0 and abs(reference[1]["rewards/margins"]) > 1e-3
     assert len(reference[2]) == 8  # the LoRA A and B of 2 modules x 2 layers: the base is frozen
     trl_calls["n"] = 0
-    patched = _step(tmp_path / "fastdpo", config(), patch=True)
+    patched = _step(tmp_path / "fastdpo", lora_policy_config(), patch=True)
     assert trl_calls["n"] == 0
     _same_step(reference, patched)
 

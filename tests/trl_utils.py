@@ -102,3 +102,13 @@ def train_three_steps(path, **config):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def lora_policy_config():
+    """A fresh LoRA-wrapped tiny Llama (real PEFT; q_proj and v_proj) and no reference model: TRL then scores
+    the reference from the same model (a frozen copy of the adapter, or the adapters disabled)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(len(tiny_tokenizer())),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    return dict(model=model, ref_model=None)

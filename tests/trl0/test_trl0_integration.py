@@ -20,7 +20,7 @@ from trl.trainer import dpo_trainer as trl_dpo
 
 import fastdpo.integrations.trl as fdt
 from fastdpo.integrations._trl_legacy import legacy_config
-from trl_utils import (dpo_trainer, perturb, preference_dataset, tiny_llama, tiny_tokenizer, train_three_steps,
+from trl_utils import (dpo_trainer, lora_policy_config, perturb, preference_dataset, train_three_steps,
                        trainer_step)
 
 assert Version(trl.__version__) < Version("1"), "tests/trl0 runs with TRL 0.x (tests/trl0/run.sh)"
@@ -141,17 +141,11 @@ def test_js_divergence_as_trl_0_24_to_0_27_compute_it(tmp_path, trl_calls, loss_
 def test_patched_peft_policy_without_reference_model(tmp_path, trl_calls):
     """A LoRA policy with ref_model=None: TRL 0.x scores the reference with the adapters disabled
     (``null_ref_context``), through the patched ``concatenated_forward``. The step equals TRL's."""
-    from peft import LoraConfig, get_peft_model
-
-    def config():
-        model = get_peft_model(tiny_llama(len(tiny_tokenizer())),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-        return dict(model=model, ref_model=None)
-    reference = _step(tmp_path / "trl", config(), patch=False)
+    reference = _step(tmp_path / "trl", lora_policy_config(), patch=False)
     assert trl_calls["n"] > 0 and abs(reference[1]["rewards/margins"]) > 1e-3
     assert len(reference[2]) == 8  # the LoRA A and B of 2 modules x 2 layers: the base is frozen
     trl_calls["n"] = 0
-    patched = _step(tmp_path / "fastdpo", config(), patch=True)
+    patched = _step(tmp_path / "fastdpo", lora_policy_config(), patch=True)
     assert trl_calls["n"] == 0
     _same_step(reference, patched)
 
