@@ -91,7 +91,7 @@ def _triton_forward(logits, labels, ignore_index, shift, with_stats):
     stats = torch.empty((4, N, T), device=logits.device, dtype=torch.float32) if with_stats else None
     n_rows = N * T
     if n_rows:
-        cfg = _k.tile_config(V)
+        cfg = _k.tile_config(V, with_stats)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
         _k._sequence_logps_fwd_kernel[grid](
             logits, labels, row_logps, lse, stats if with_stats else row_logps,

@@ -3,12 +3,16 @@
     python -m fastdpo.aot [--arch 80 90] [--jobs 2]
 
 Prints one line per (kernel, configuration, architecture): registers, spill bytes and shared memory, read
-from the bundled ``ptxas -v`` on the generated PTX. Exits non-zero on any compile error or spill.
+from the bundled ``ptxas -v`` on the generated PTX, and what tells a lean kernel from a heavy one: the SASS of
+the vocabulary loop's body (the largest backward branch of the cubin, read with the bundled ``cuobjdump``),
+as instructions per logit a thread handles, special-function (MUFU: exp2, log2) instructions per logit, and
+the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide reductions cost. Exits non-zero on
+any compile error or spill.
 
 Configurations: logits dtype x tile (``kernels.logps.all_tile_configs``) x flags for the log-prob kernels,
 every pair block size for the DPO loss head (``kernels.dpo_loss.all_block_sizes``). Launch-time
-specialisations are mirrored: pointers 16-byte aligned, the vocabulary stride equal to 1 (contiguous last
-dimension, the case every model produces). Must run without ``TRITON_INTERPRET``.
+specialisations are mirrored: pointers 16-byte aligned, the vocabulary size and the logits' row strides
+divisible by 16, the vocabulary stride equal to 1 (contiguous last dimension): the case real models produce. Must run without ``TRITON_INTERPRET``.
 """
 
 import argparse
@@ -21,13 +25,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 _DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+_DIVISIBLE_INTS = ("V", "stride_xn", "stride_xt", "stride_gn", "stride_gt")
 
 
 def _cases():
     from fastdpo.kernels import logps as k
 
-    for dtype, tile, with_stats in itertools.product(_DTYPES, k.all_tile_configs(), (True, False)):
-        yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
+    for dtype, with_stats in itertools.product(_DTYPES, (True, False)):
+        for tile in k.all_tile_configs(with_stats):
+            yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
     for dtype, tile in itertools.product(_DTYPES, k.all_tile_configs()):
         yield ("logps_bwd", dtype, tile, {})
     from fastdpo.kernels import dpo_loss as d
@@ -57,6 +63,26 @@ def _signature(kernel: str, dtype: str):
         ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "stride_gn", "stride_gt",
                 "ignore_index", "shift"]
     return ptrs, {name: "i32" for name in ints}
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_profile(sass: str) -> dict:
+    """The body of the largest loop in a SASS listing (from a backward branch to its target): instruction
+    count and the MUFU, BAR and SHFL instructions in it. Empty dict when the code has no loop."""
+    instrs = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(sass)]
+    best = None
+    for addr, op, operands in instrs:
+        if op.startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            if target and int(target.group(1), 16) < addr and (best is None or addr - int(target.group(1), 16) > best[1] - best[0]):
+                best = (int(target.group(1), 16), addr)
+    if best is None:
+        return {}
+    body = [op for addr, op, _ in instrs if best[0] <= addr <= best[1]]
+    return {"loop_instructions": len(body), "loop_mufu": sum(op.startswith("MUFU") for op in body),
+            "loop_bar": sum(op.startswith("BAR") for op in body), "loop_shfl": sum(op.startswith("SHFL") for op in body)}
 
 
 def compile_one(case, arch: int) -> dict:
@@ -90,6 +116,10 @@ def compile_one(case, arch: int) -> dict:
         else:
             signature[name] = ints[name]
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in ptrs}
+    # Triton specialises integer arguments divisible by 16 at launch: the vocabularies of real models are
+    # (32000, 128256, 151936, 262144), and so are the row strides of their logits. Mirrored here, it is what
+    # lets the compiler prove rows 16-byte aligned and load 8 bf16 logits per instruction.
+    attrs.update({(fn.arg_names.index(i),): [["tt.divisibility", 16]] for i in _DIVISIBLE_INTS if i in ints})
     row = {"kernel": kernel, "dtype": dtype, "config": {**tile, **flags}, "arch": f"sm_{arch}"}
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -103,9 +133,19 @@ def compile_one(case, arch: int) -> dict:
                 f.write(compiled.asm["ptx"])
             out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True, check=True).stderr
+            cubin = os.path.join(tmp, "k.cubin")
+            sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", cubin],
+                                  capture_output=True, text=True, check=True).stdout
         row["registers"] = int(re.search(r"Used (\d+) registers", out).group(1))
         row["spill_bytes"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
         row["shared_bytes"] = compiled.metadata.shared
+        loop = loop_profile(sass)
+        if loop and kernel != "dpo_head":  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them
+            per_thread = tile["BLOCK_T"] * tile["BLOCK_V"] / (32 * tile["num_warps"])
+            row["instr_per_logit"] = loop["loop_instructions"] / per_thread
+            row["mufu_per_logit"] = loop["loop_mufu"] / per_thread
+            row["bar_per_iter"] = loop["loop_bar"]
+            row["shfl_per_iter"] = loop["loop_shfl"]
         row["ok"] = row["spill_bytes"] == 0
     except Exception as e:  # noqa: BLE001 - reported, and the run fails
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -128,14 +168,17 @@ def main(argv=None) -> int:
     work = [(case, arch) for case in _cases() for arch in args.arch]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_compile_star, work))
-    print(f"{'kernel':<10} {'dtype':<5} {'config':<50} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6}")
+    print(f"{'kernel':<10} {'dtype':<5} {'config':<50} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} "
+          f"{'instr/logit':>11} {'mufu/logit':>10} {'bar/it':>6} {'shfl/it':>7}")
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         if "error" in r:
             print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<50} {r['arch']:<6} ERROR {r['error']}")
         else:
+            loop = (f"{r['instr_per_logit']:>11.2f} {r['mufu_per_logit']:>10.2f} {r['bar_per_iter']:>6} "
+                    f"{r['shfl_per_iter']:>7}" if "instr_per_logit" in r else "")
             print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<50} {r['arch']:<6} {r['registers']:>4} "
-                  f"{r['spill_bytes']:>5} {r['shared_bytes']:>6}")
+                  f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {loop}")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compiled without spills")
     return 1 if bad else 0

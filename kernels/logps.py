@@ -31,32 +31,43 @@ Rows are tiled [BLOCK_T, BLOCK_V]: BLOCK_T > 1 only for small vocabularies, wher
 would leave most lanes idle. Offsets of rows are int64 (16 x 2048 x 128256 logits already pass 2^31).
 """
 
+import warnings
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# ``tl.reshape(..., can_reorder=True)`` lets the compiler group the logits each thread already holds, so the
+# per-lane sums below stay inside a thread (without it Triton 3.9 moves the block through shared memory: 4 more
+# barriers per block). Triton 3.9 deprecates the flag, to be removed in 3.10; pass it only before that.
+_CAN_REORDER = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 10))
+warnings.filterwarnings("ignore", message=r"tl\.reshape\(can_reorder=True\) is deprecated", category=UserWarning)
 
 # Vocabulary block of one program: 32 fp32 values per thread at 8 warps.
 MAX_BLOCK_V = 8192
+# With the statistics, five values per logit live at once: half the block keeps registers (~100) low enough
+# for two programs per SM (measured with the AOT check).
+MAX_BLOCK_V_STATS = 4096
 MIN_BLOCK_V = 256
 # Small vocabularies share a program between rows, up to this many elements: every element of a 2-D tile
 # carries its own 64-bit address, and 8192 of them spill registers (measured with the AOT check).
 MAX_TILE_2D = 2048
 
 
-def tile_config(vocab_size: int) -> dict:
+def tile_config(vocab_size: int, with_stats: bool = False) -> dict:
     """Block sizes and warps for a vocabulary: every configuration the dispatcher can choose lies in
     ``all_tile_configs()`` (the AOT check compiles exactly those)."""
-    block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), MAX_BLOCK_V)
+    cap = MAX_BLOCK_V_STATS if with_stats else MAX_BLOCK_V
+    block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), cap)
     block_t = max(1, MAX_TILE_2D // block_v)
     return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8 if block_t * block_v >= 4096 else 4}
 
 
-def all_tile_configs() -> list:
+def all_tile_configs(with_stats: bool = False) -> list:
     out, block_v = [], MIN_BLOCK_V
-    while block_v <= MAX_BLOCK_V:
-        out.append(tile_config(block_v))
+    while block_v <= (MAX_BLOCK_V_STATS if with_stats else MAX_BLOCK_V):
+        out.append(tile_config(block_v, with_stats))
         block_v *= 2
     return out
 
@@ -73,6 +84,36 @@ def _row_coords(pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, 
     label = tl.load(labels_ptr + n * stride_ln + label_t * stride_lt, mask=has_label, other=0).to(tl.int64)
     valid = has_label & (label != ignore_index)
     return rows, in_bounds, n, t, label, valid
+
+
+@triton.jit
+def _lanes(x, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(BLOCK_T, BLOCK_V) -> (BLOCK_T, BLOCK_V // VEC): sums of VEC neighbours, the elements one thread loads
+    in one 16-byte vector, so the sum stays inside the thread (no shuffle, no barrier)."""
+    return tl.sum(tl.reshape(x, (BLOCK_T, BLOCK_V // VEC, VEC), can_reorder=_CAN_REORDER), 2)
+
+
+@triton.jit
+def _online_update(x, x_for_sum, v, label, m, s, xsum, xp, q, m_before, BLOCK_T: tl.constexpr,
+                   BLOCK_V: tl.constexpr, VEC: tl.constexpr, WITH_STATS: tl.constexpr):
+    """One vocabulary block of the forward: x (BLOCK_T, BLOCK_V) fp32, -inf where masked; x_for_sum is x with
+    masked lanes 0. m (BLOCK_T,) is the row maximum so far; s, xsum, xp, q (sums) and m_before (a maximum)
+    are per-lane accumulators (BLOCK_T, BLOCK_V // VEC), each lane rescaled by the row's alpha."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    # exp2(-inf) = 0 on the first block; a row that never saw a finite value keeps m = -inf.
+    alpha = tl.exp2((m - m_new) * LOG2E)[:, None]
+    p = tl.exp2((x - m_new[:, None]) * LOG2E)
+    s = s * alpha + _lanes(p, BLOCK_T, BLOCK_V, VEC)
+    if WITH_STATS:
+        xsum += _lanes(x_for_sum, BLOCK_T, BLOCK_V, VEC)
+        # p = 0 where x = -inf (masked lanes, padded vocabularies): clamping x to the lowest finite fp32 makes
+        # p * x 0 there, not NaN (a NaN logit still propagates through p)
+        xp = xp * alpha + _lanes(p * tl.maximum(x, -3.4028234663852886e38), BLOCK_T, BLOCK_V, VEC)
+        q = q * (alpha * alpha) + _lanes(p * p, BLOCK_T, BLOCK_V, VEC)
+        before = tl.where(v[None, :] < label[:, None], x, float("-inf"))
+        m_before = tl.maximum(m_before, tl.max(tl.reshape(before, (BLOCK_T, BLOCK_V // VEC, VEC),
+                                                          can_reorder=_CAN_REORDER), 2))
+    return m_new, s, xsum, xp, q, m_before
 
 
 @triton.jit
@@ -94,37 +135,44 @@ def _sequence_logps_fwd_kernel(
     BLOCK_V: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
+    VEC: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth  # logits in a 16-byte load
     pid = tl.program_id(0)
     rows, in_bounds, n, t, label, valid = _row_coords(
         pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, shift, BLOCK_T)
     row_ptr = logits_ptr + n * stride_xn + t * stride_xt  # (BLOCK_T,) int64 offsets
 
+    # The row maximum is reduced every block (the exponentials need it); every sum is kept per lane, each
+    # lane rescaled by the row's alpha, and reduced once after the loop: one block-wide reduction per block.
+    # Full blocks load without a vocabulary mask; the last, partial block (if any) with one.
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_T,), tl.float32)
-    if WITH_STATS:
-        xsum = tl.zeros((BLOCK_T,), tl.float32)
-        xp = tl.zeros((BLOCK_T,), tl.float32)
-        q = tl.zeros((BLOCK_T,), tl.float32)
-        m_before = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_T, BLOCK_V // VEC), tl.float32)
+    xsum = tl.zeros((BLOCK_T, BLOCK_V // VEC), tl.float32)
+    xp = tl.zeros((BLOCK_T, BLOCK_V // VEC), tl.float32)
+    q = tl.zeros((BLOCK_T, BLOCK_V // VEC), tl.float32)
+    m_before = tl.full((BLOCK_T, BLOCK_V // VEC), float("-inf"), tl.float32)
+    label32 = tl.where((label >= 0) & (label < V), label, 0).to(tl.int32)  # V < 2^31: 32-bit compares
     cols = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
+    v_full = (V // BLOCK_V) * BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):
         v = v0 + cols
+        x = tl.load(row_ptr[:, None] + v[None, :] * stride_xv, mask=valid[:, None], other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32)
+        m, s, xsum, xp, q, m_before = _online_update(x, x, v, label32, m, s, xsum, xp, q, m_before, BLOCK_T, BLOCK_V,
+                                                     VEC, WITH_STATS)
+    if v_full < V:
+        v = v_full + cols
         mask = valid[:, None] & (v < V)[None, :]
         x = tl.load(row_ptr[:, None] + v[None, :] * stride_xv, mask=mask, other=float("-inf"),
                     eviction_policy="evict_first").to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        # exp2(-inf) = 0 on the first block; a row that never saw a finite value keeps m = -inf.
-        alpha = tl.exp2((m - m_new) * LOG2E)
-        p = tl.exp2((x - m_new[:, None]) * LOG2E)
-        s = s * alpha + tl.sum(p, 1)
-        if WITH_STATS:
-            xsum += tl.sum(tl.where(mask, x, 0.0), 1)
-            # p = 0 where x = -inf (masked lanes, padded vocabularies): p * x must be 0 there, not NaN
-            xp = xp * alpha + tl.sum(p * tl.where(x == float("-inf"), 0.0, x), 1)
-            q = q * alpha * alpha + tl.sum(p * p, 1)
-            m_before = tl.maximum(m_before, tl.max(tl.where(v[None, :] < label[:, None], x, float("-inf")), 1))
-        m = m_new
+        m, s, xsum, xp, q, m_before = _online_update(x, tl.where(mask, x, 0.0), v, label32, m, s, xsum, xp, q,
+                                                     m_before, BLOCK_T, BLOCK_V, VEC, WITH_STATS)
+    s = tl.sum(s, 1)
     lse = m + tl.log2(s) * LN2
+    if WITH_STATS:
+        xsum = tl.sum(xsum, 1)
+        xp = tl.sum(xp, 1)
+        q = tl.sum(q, 1)
+        m_before = tl.max(m_before, 1)
 
     label_ok = (label >= 0) & (label < V)
     target = tl.load(row_ptr + tl.where(label_ok, label, 0) * stride_xv, mask=valid, other=0.0).to(tl.float32)

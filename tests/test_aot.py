@@ -17,5 +17,12 @@ def test_aot_compiles_without_spills():
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["logps_fwd"], ["logps_bwd"], ["dpo_head"])]
     assert {r[0] for r in rows} == {"logps_fwd", "logps_bwd", "dpo_head"}
     assert {"sm_80", "sm_90"} <= {tok for r in rows for tok in r}
-    assert all(r[-2] == "0" for r in rows), "spills reported"
     assert "ERROR" not in proc.stdout
+    for r in rows:  # ... arch regs spill smem [instr/logit mufu/logit bar/it shfl/it]
+        i = next(j for j, tok in enumerate(r) if tok.startswith("sm_"))
+        assert r[i + 2] == "0", f"spills reported: {' '.join(r)}"
+        if r[0] == "logps_fwd":
+            # the vocabulary loop reduces one row maximum per block (two barriers, three on Triton 3.6); the
+            # sums stay per lane until after the loop. The statistics once cost 12 barriers per block.
+            assert int(r[i + 6]) <= 3, f"block-wide reductions in the loop: {' '.join(r)}"
+            assert float(r[i + 4]) < 24, f"a heavy loop body: {' '.join(r)}"
