@@ -3,17 +3,18 @@
 The autograd Functions call these, so ``torch.compile(..., fullgraph=True)`` sees each primitive as one
 opaque node with known output shapes instead of tracing into Triton launches, Python loops over chunks or
 host-side checks. The data-dependent label check runs inside the op (eagerly), never in a traced graph.
+
+Layers: kernels -> dispatch (``_ops``, ``_head``) -> these ops -> the autograd Functions -> the user API.
 """
 
 import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fastdpo import _backend, _ops
+from fastdpo import _head, _ops
+from fastdpo.losses import ld_token_weights
 
 
 def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -31,19 +32,22 @@ def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> Non
 
 @torch.library.custom_op("fastdpo::logps_forward", mutates_args=())
 def logps_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool,
-                  with_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(row_logps (N, T), lse (N, T), stats (4, N, T), or (0,) without stats)."""
+                  with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(token_logps (N, T) aligned with the labels, lse (N, T) per row, stats (4, N, T) aligned with the labels
+    or (0,) without stats, logps (N,) summed per sequence, num_tokens (N,) int64)."""
     check_label_range(labels, logits.shape[2], ignore_index)
-    rows, lse, stats = _ops.logps_forward(logits, labels, ignore_index, shift, with_stats)
-    return rows, lse, stats if stats is not None else rows.new_empty(0)
+    token_logps, lse, stats = _ops.logps_forward(logits, labels, ignore_index, shift, with_stats)
+    logps, num_tokens, _ = _ops.sequence_sums(token_logps, None, labels, ignore_index, shift)
+    return token_logps, lse, stats if stats is not None else token_logps.new_empty(0), logps, num_tokens
 
 
 @logps_forward.register_fake
 def _(logits, labels, ignore_index, shift, with_stats):
     N, T, _ = logits.shape
     dt = _ops._compute_dtype(logits)
-    rows = logits.new_empty((N, T), dtype=dt)
-    return rows, logits.new_empty((N, T), dtype=dt), logits.new_empty((4, N, T) if with_stats else (0,), dtype=dt)
+    return (logits.new_empty((N, T), dtype=dt), logits.new_empty((N, T), dtype=dt),
+            logits.new_empty((4, N, T) if with_stats else (0,), dtype=dt), logits.new_empty((N,), dtype=dt),
+            logits.new_empty((N,), dtype=torch.int64))
 
 
 @torch.library.custom_op("fastdpo::logps_backward", mutates_args=())
@@ -69,59 +73,39 @@ def _(logits, labels, lse, coef, ignore_index, shift):
     return None
 
 
-@torch.library.custom_op("fastdpo::dpo_loss_head", mutates_args=())
-def dpo_loss_head(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                  chosen_tokens: Tensor, rejected_tokens: Tensor, chosen_sums: Tensor, pair_weights: Tensor,
-                  total_chosen_tokens: Tensor, num_pairs: int, beta: float, loss_types: str,
-                  loss_weights: List[float], label_smoothing: float, f_divergence_type: str,
-                  f_alpha_divergence_coef: float, discopop_tau: float, simpo_gamma: float,
-                  nll_alpha: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dL/d chosen, dL/d rejected, dL/d chosen_sums) of the pairs given (a part of a batch of
-    ``num_pairs`` pairs). The loss options are those of ``DPOLossConfig`` that the loss head reads;
-    ``loss_types`` joined by commas (custom ops take no list of strings)."""
-    from fastdpo.dpo import loss_head as impl
-    from fastdpo.losses import DPOLossConfig
+@torch.library.custom_op("fastdpo::dpo_forward", mutates_args=())
+def dpo_forward(logits: Tensor, labels: Tensor, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                ignore_index: int, shift: bool, params: List[float]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The DPO loss of logits (2B, T, V): one pass over the logits, the per-sequence sums, the loss head.
 
-    with warnings.catch_warnings():  # the caller's config was validated (and warned about) already
-        warnings.simplefilter("ignore")
-        cfg = DPOLossConfig(beta=beta, loss_type=loss_types.split(","), loss_weights=list(loss_weights),
-                            label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-                            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-                            simpo_gamma=simpo_gamma, nll_alpha=nll_alpha)
-    args = (chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums, pair_weights,
-            cfg, num_pairs, total_chosen_tokens)
-    if _backend.use_triton(chosen):
-        return tuple(t.contiguous() for t in impl(*args))
-    # The PyTorch path differentiates the spec (torch.func). A compiled graph calls this op under dispatch
-    # modes (AOTAutograd's custom-op aliasing check) that torch.func's wrapped tensors break; modes and
-    # dispatch state are thread-local, so it runs on a worker thread, where both are clean.
-    return tuple(t.contiguous() for t in _spec_thread().submit(impl, *args).result())  # strides as the fake
+    ``params``: ``fastdpo._head.HeadParams`` of the config. Returns (loss (), coef: dL/dlogp per sequence (2B,),
+    or per position (2B, T) with LD-DPO, lse (2B, T) per row, logps (2B,), num_tokens (2B,) int64, seq_stats
+    (4, 2B), rewards (2B,), metrics (10,) in ``fastdpo._head.METRICS`` order)."""
+    check_label_range(labels, logits.shape[2], ignore_index)
+    p = _head.HeadParams(*params)
+    token_logps, lse, stats = _ops.logps_forward(logits, labels, ignore_index, shift, True)
+    logps, num_tokens, seq_stats = _ops.sequence_sums(token_logps, stats, labels, ignore_index, shift)
+    sums = logps
+    if p.ld:  # LD-DPO: the tokens past the shorter completion of each pair weigh ld_alpha
+        token_w = ld_token_weights(_ops.valid_positions(labels, ignore_index, shift), p.ld_alpha).to(logps.dtype)
+        logps = (token_logps * token_w).sum(1)
+    out, coef, rewards, metrics = _head.loss_head(logps, sums, num_tokens, seq_stats, ref_chosen, ref_rejected, p)
+    if p.ld:  # the token term (sft, nll) is unweighted: coef = g_seq * w + token coefficient (chosen)
+        B = logps.shape[0] // 2
+        token = torch.zeros_like(coef)
+        token[:B] = out[1]
+        coef = (coef - token)[:, None] * token_w + token[:, None]
+    return out[0], coef, lse, logps, num_tokens, seq_stats, rewards, metrics
 
 
-_SPEC_THREAD = None
+@dpo_forward.register_fake
+def _(logits, labels, ref_chosen, ref_rejected, ignore_index, shift, params):
+    N, T, _ = logits.shape
+    dt = _ops._compute_dtype(logits)
 
+    def new(*shape, dtype=dt):
+        return logits.new_empty(shape, dtype=dtype)
 
-def _spec_thread():
-    global _SPEC_THREAD
-    if _SPEC_THREAD is None:
-        _SPEC_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdpo-loss-spec")
-    return _SPEC_THREAD
-
-
-@dpo_loss_head.register_fake
-def _(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums, pair_weights,
-      total_chosen_tokens, num_pairs, beta, loss_types, loss_weights, label_smoothing, f_divergence_type,
-      f_alpha_divergence_coef, discopop_tau, simpo_gamma, nll_alpha):
-    return chosen.new_empty(()), torch.empty_like(chosen), torch.empty_like(chosen), torch.empty_like(chosen)
-
-
-def loss_head_op(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums,
-                 pair_weights, cfg, num_pairs: Optional[int] = None, total_chosen_tokens: Optional[Tensor] = None):
-    """``fastdpo.dpo.loss_head`` through its custom op."""
-    if total_chosen_tokens is None:
-        total_chosen_tokens = chosen_tokens.sum()
-    return dpo_loss_head(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, chosen_sums,
-                         pair_weights, total_chosen_tokens.to(chosen.dtype), num_pairs or chosen.shape[0],
-                         float(cfg.beta), ",".join(cfg.loss_types), list(cfg.weights), float(cfg.label_smoothing),
-                         cfg.f_divergence_type, float(cfg.f_alpha_divergence_coef), float(cfg.discopop_tau),
-                         float(cfg.simpo_gamma), float(cfg.nll_alpha))
+    coef = new(N, T) if _head.HeadParams(*params).ld else new(N)
+    return (new(), coef, new(N, T), new(N), new(N, dtype=torch.int64), new(4, N), new(N), new(len(_head.METRICS)))

@@ -1,11 +1,13 @@
-"""The two primitives every fastdpo op is built from, on both backends.
+"""The primitives every fastdpo op is built from, on both backends.
 
-``logps_forward``: per-row log-prob of the target, log-sum-exp, optional logit sum; one read of the logits.
-``logps_backward``: dlogits = coef[row] * (onehot(label) - softmax) from the saved log-sum-exp; one read of
-the logits, one write of the gradient.
+``logps_forward``: per-token log-prob of the target and statistics (aligned with the labels), log-sum-exp per
+row; one read of the logits.
+``sequence_sums``: per-sequence sums of those and the token counts.
+``logps_backward``: dlogits = coef * (onehot(label) - softmax) from the saved log-sum-exp; one read of the
+logits, one write of the gradient.
 
-Rows are logits positions (n, t), see ``kernels/logps.py``; all per-row tensors here are (N, T) fp32
-(fp64 for fp64 logits on the PyTorch path). Inputs are validated by the caller.
+Rows are logits positions (n, t) and *positions* are those of the labels, see ``kernels/logps.py``; per-token
+tensors here are (N, T) fp32 (fp64 for fp64 logits on the PyTorch path). Inputs are validated by the caller.
 """
 
 from typing import Optional, Tuple
@@ -56,23 +58,42 @@ def named_token_stats(stats: torch.Tensor) -> dict:
 
 def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool,
                   with_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns (row_logps (N, T), lse (N, T), stats (4, N, T) or None); zeros on invalid rows.
-    stats: mean logit, entropy, log sum p^2, is_top1 (1.0 when the label is the first argmax)."""
+    """Returns (token_logps (N, T) at positions, lse (N, T) per row, stats (4, N, T) at positions or None);
+    zeros where no valid row scores a position. stats: mean logit, entropy, log sum p^2, is_top1 (1.0 when the
+    label is the first argmax)."""
     if _backend.use_triton(logits):
         return _triton_forward(logits, labels, ignore_index, shift, with_stats)
     return _torch_forward(logits, labels, ignore_index, shift, with_stats)
 
 
+def sequence_sums(token_logps: torch.Tensor, stats: Optional[torch.Tensor], labels: torch.Tensor,
+                  ignore_index: int, shift: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Per sequence: (sum of token log-probs (N,), valid positions (N,) int64, sums of the stats (4, N) or
+    None), from ``logps_forward``'s outputs."""
+    if _backend.use_triton(token_logps):
+        return _triton_sums(token_logps, stats, labels, ignore_index, shift)
+    valid = valid_positions(labels, ignore_index, shift)
+    return token_logps.sum(1), valid.sum(1), None if stats is None else stats.sum(2)
+
+
 def logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                    ignore_index: int, shift: bool, inplace: bool = False) -> torch.Tensor:
     """dlogits (N, T, V) in the logits' dtype; written into the logits' storage when ``inplace``.
-    ``coef`` (N, T) per row, 0 on invalid rows."""
+    ``coef`` (N, T) at positions, any strides (a per-sequence coefficient may be broadcast with stride 0)."""
     out = logits if inplace else torch.empty_like(logits)
     if _backend.use_triton(logits):
         _triton_backward(logits, labels, lse, coef, ignore_index, shift, out)
     else:
-        _torch_backward(logits, labels, lse, coef, ignore_index, shift, out)
+        _torch_backward(logits, labels, lse, positions_to_rows(coef, shift), ignore_index, shift, out)
     return out
+
+
+def valid_positions(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
+    """(N, T) bool: the positions some valid row scores (with ``shift``, never position 0)."""
+    valid = labels != ignore_index
+    if shift and labels.shape[1]:
+        valid[:, 0] = False
+    return valid
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -86,21 +107,38 @@ def _labels_i64(labels: torch.Tensor) -> torch.Tensor:
 def _triton_forward(logits, labels, ignore_index, shift, with_stats):
     N, T, V = logits.shape
     labels = _labels_i64(labels)
-    row_logps = torch.empty((N, T), device=logits.device, dtype=torch.float32)
-    lse = torch.empty_like(row_logps)
+    token_logps = torch.empty((N, T), device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(token_logps)
     stats = torch.empty((4, N, T), device=logits.device, dtype=torch.float32) if with_stats else None
     n_rows = N * T
     if n_rows:
         cfg = _k.tile_config(V, with_stats)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
         _k._sequence_logps_fwd_kernel[grid](
-            logits, labels, row_logps, lse, stats if with_stats else row_logps,
+            logits, labels, token_logps, lse, stats if with_stats else token_logps,
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
             ignore_index, int(shift),
             WITH_STATS=with_stats, **cfg)
-    return row_logps, lse, stats
+    return token_logps, lse, stats
+
+
+def _triton_sums(token_logps, stats, labels, ignore_index, shift):
+    N, T = token_logps.shape
+    labels = _labels_i64(labels)
+    logps = torch.empty(N, device=token_logps.device, dtype=torch.float32)
+    num_tokens = torch.empty(N, device=token_logps.device, dtype=torch.int64)
+    seq_stats = None if stats is None else torch.empty((4, N), device=token_logps.device, dtype=torch.float32)
+    if N:
+        _k._sequence_sums_kernel[(N,)](
+            token_logps, token_logps if stats is None else stats, labels, logps, num_tokens,
+            logps if stats is None else seq_stats,
+            N, T, N * T,
+            *labels.stride(),
+            ignore_index, int(shift),
+            BLOCK=_k.SUMS_BLOCK, WITH_STATS=stats is not None, num_warps=_k.SUMS_NUM_WARPS)
+    return logps, num_tokens, seq_stats
 
 
 def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
@@ -111,11 +149,12 @@ def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
         cfg = _k.tile_config(V)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
         _k._sequence_logps_bwd_kernel[grid](
-            logits, labels, lse.contiguous(), coef.float().contiguous(), out,
+            logits, labels, lse, coef if coef.dtype == torch.float32 else coef.float(), out,
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
             *out.stride(),
+            *coef.stride(),
             ignore_index, int(shift),
             **cfg)
 
@@ -189,7 +228,10 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats):
                         _first_argmax_is(x, m, tgt, lab).to(cdt))
                 for i, r in enumerate(rows):
                     stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
-    return row_logps, lse, stats
+    token_logps = rows_to_positions(row_logps, shift)
+    if stats is not None:
+        stats = rows_to_positions(stats.view(4 * N, T), shift).view(4, N, T)
+    return token_logps, lse, stats
 
 
 def _torch_backward(logits, labels, lse, coef, ignore_index, shift, out):

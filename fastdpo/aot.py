@@ -10,9 +10,11 @@ the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide redu
 any compile error or spill.
 
 Configurations: logits dtype x tile (``kernels.logps.all_tile_configs``) x flags for the log-prob kernels,
-every pair block size for the DPO loss head (``kernels.dpo_loss.all_block_sizes``). Launch-time
-specialisations are mirrored: pointers 16-byte aligned, the vocabulary size and the logits' row strides
-divisible by 16, the vocabulary stride equal to 1 (contiguous last dimension): the case real models produce. Must run without ``TRITON_INTERPRET``.
+the per-sequence sums with and without statistics, every pair block size of the DPO loss head
+(``kernels.dpo_loss.all_block_sizes``) with and without metrics. Launch-time specialisations are mirrored:
+pointers 16-byte aligned, the vocabulary size and the logits' row strides divisible by 16, the vocabulary
+stride equal to 1 (contiguous last dimension): the case real models produce. Must run without
+``TRITON_INTERPRET``.
 """
 
 import argparse
@@ -36,24 +38,30 @@ def _cases():
             yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
     for dtype, tile in itertools.product(_DTYPES, k.all_tile_configs()):
         yield ("logps_bwd", dtype, tile, {})
+    yield ("logps_sums", "fp32", {"BLOCK": k.SUMS_BLOCK, "num_warps": k.SUMS_NUM_WARPS}, {"WITH_STATS": True})
+    yield ("logps_sums", "fp32", {"BLOCK": k.SUMS_BLOCK, "num_warps": k.SUMS_NUM_WARPS}, {"WITH_STATS": False})
     from fastdpo.kernels import dpo_loss as d
 
-    for block_b in d.all_block_sizes():  # per-sequence numbers are fp32 whatever the logits' dtype
-        yield ("dpo_head", "fp32", {"BLOCK_B": block_b, "num_warps": d.NUM_WARPS}, {})
+    for block_b, metrics in itertools.product(d.all_block_sizes(), (True, False)):
+        # per-sequence numbers are fp32 whatever the logits' dtype
+        yield ("dpo_head", "fp32", {"BLOCK_B": block_b, "num_warps": d.NUM_WARPS}, {"WITH_METRICS": metrics})
 
 
 def _signature(kernel: str, dtype: str):
     x = _DTYPES[dtype]
     if kernel == "dpo_head":
-        ptrs = {name: "*fp32" for name in ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr",
-                                            "chosen_tokens_ptr", "rejected_tokens_ptr", "chosen_sums_ptr",
-                                            "pair_weights_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_weights_ptr", "totals_ptr",
-                                            "loss_ptr", "grad_chosen_ptr", "grad_rejected_ptr",
-                                            "grad_chosen_sums_ptr")}
-        ptrs.update({name: "*i64" for name in ("aot_rank_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr")})
-        return ptrs, {"B": "i32", "num_pairs": "i32", "f_div": "i32", "beta": "fp32", "eps": "fp32", "exo_log_keep": "fp32",
-                      "exo_log_eps": "fp32", "inv_am1": "fp32", "am1": "fp32", "tau": "fp32", "gamma": "fp32",
-                      "nll_alpha": "fp32"}
+        ptrs = {name: "*fp32" for name in ("logps_ptr", "sums_ptr", "seq_stats_ptr", "ref_chosen_ptr",
+                                            "ref_rejected_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_ptr",
+                                            "coef_ptr", "rewards_ptr", "metrics_ptr")}
+        ptrs.update({name: "*i64" for name in ("counts_ptr", "aot_rank_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr")})
+        ints = {name: "i32" for name in ("num_pairs", "p0", "p1", "has_ref", "f_div", "use_weighting")}
+        floats = ("beta", "eps", "exo_log_keep", "exo_log_eps", "inv_am1", "am1", "tau", "gamma", "nll_alpha",
+                  *(f"w{i}" for i in range(16)))
+        return ptrs, {**ints, **{name: "fp32" for name in floats}}
+    if kernel == "logps_sums":
+        ptrs = {"token_logps_ptr": "*fp32", "stats_ptr": "*fp32", "labels_ptr": "*i64", "logps_ptr": "*fp32",
+                "num_tokens_ptr": "*i64", "seq_stats_ptr": "*fp32"}
+        return ptrs, {name: "i32" for name in ("N", "T", "NT", "stride_ln", "stride_lt", "ignore_index", "shift")}
     if kernel == "logps_fwd":
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "token_logps_ptr": "*fp32", "lse_ptr": "*fp32",
                 "stats_ptr": "*fp32"}
@@ -61,7 +69,7 @@ def _signature(kernel: str, dtype: str):
     else:
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": x}
         ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "stride_gn", "stride_gt",
-                "ignore_index", "shift"]
+                "stride_cn", "stride_ct", "ignore_index", "shift"]
     return ptrs, {name: "i32" for name in ints}
 
 
@@ -97,13 +105,13 @@ def compile_one(case, arch: int) -> dict:
     from fastdpo.kernels import dpo_loss as d
 
     fn = {"logps_fwd": k._sequence_logps_fwd_kernel, "logps_bwd": k._sequence_logps_bwd_kernel,
-          "dpo_head": d._dpo_loss_head_kernel}[kernel]
+          "logps_sums": k._sequence_sums_kernel, "dpo_head": d._dpo_loss_head_kernel}[kernel]
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @heuristics / @autotune, if any
         fn = fn.fn
     ptrs, ints = _signature(kernel, dtype)
     constexprs = {key: val for key, val in tile.items() if key != "num_warps"}
     constexprs.update(flags)
-    if kernel != "dpo_head":
+    if kernel in ("logps_fwd", "logps_bwd"):
         constexprs["stride_xv"] = 1
     if kernel == "logps_bwd":
         constexprs["stride_gv"] = 1
@@ -140,7 +148,7 @@ def compile_one(case, arch: int) -> dict:
         row["spill_bytes"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
         row["shared_bytes"] = compiled.metadata.shared
         loop = loop_profile(sass)
-        if loop and kernel != "dpo_head":  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them
+        if loop and kernel in ("logps_fwd", "logps_bwd"):  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them
             per_thread = tile["BLOCK_T"] * tile["BLOCK_V"] / (32 * tile["num_warps"])
             row["instr_per_logit"] = loop["loop_instructions"] / per_thread
             row["mufu_per_logit"] = loop["loop_mufu"] / per_thread

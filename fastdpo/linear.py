@@ -26,14 +26,33 @@ from typing import Optional
 
 import torch
 
-from fastdpo import _ops
+from fastdpo import _head, _ops
 from fastdpo._checks import LABEL_DTYPES
 from fastdpo._library import check_label_range
-from fastdpo.dpo import DPOLossOutput, _ld_token_weights, _reference, dpo_output, loss_head
-from fastdpo.logps import SequenceLogps, _mean_scale
-from fastdpo.losses import DPOLossConfig, pair_local
+from fastdpo.dpo import DPOLossOutput, _reference, dpo_output
+from fastdpo.logps import SequenceLogps, _mean_scale, sequence_coef
+from fastdpo.losses import DPOLossConfig, ld_token_weights, pair_local
 
-DEFAULT_CHUNK_BYTES = 128 * 2 ** 20
+DEFAULT_CHUNK_BYTES = 128 * 2 ** 20  # CPU, and the floor on GPUs
+# On GPUs the default chunk holds this many tokens (the GEMMs' M): at M = 4096 the three M x H x V GEMMs of a
+# chunk run near the tensor cores' peak, and the fp32 weight-gradient accumulator is read and written once per
+# chunk (2 x 4 V H bytes against 2 M H V FLOPs: ~8% of a 4096-row chunk's weight-gradient GEMM on an H100).
+DEFAULT_CHUNK_TOKENS = 4096
+# ... but never more than this fraction of the device memory free at the call.
+_CHUNK_FREE_FRACTION = 8
+# torch.addmm(..., out_dtype=torch.float32) accumulates a bf16/fp16 product into an fp32 tensor in the GEMM's
+# epilogue (CUDA, torch >= 2.8): no partial product is rounded to the input dtype, and no extra pass.
+_ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+def default_chunk_bytes(device: torch.device, vocab_size: int, element_size: int) -> int:
+    """The logits buffer of one chunk when ``chunk_bytes`` is None: 128 MiB on CPU; on a GPU the bytes of
+    ``DEFAULT_CHUNK_TOKENS`` rows of logits, at most 1/8 of the memory free now, at least 128 MiB."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_BYTES
+    free, _ = torch.cuda.mem_get_info(device)  # a driver query, not a stream synchronisation
+    want = DEFAULT_CHUNK_TOKENS * vocab_size * element_size
+    return max(DEFAULT_CHUNK_BYTES, min(want, free // _CHUNK_FREE_FRACTION))
 _NO_LABEL = -1  # rows handed to the kernels all hold a real target: nothing matches this
 
 
@@ -87,7 +106,7 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
 class _Head:
     """The LM head applied chunk by chunk to selected rows of the hidden states."""
 
-    def __init__(self, hidden, weight, bias, opts: LogitOptions, chunk_bytes: int):
+    def __init__(self, hidden, weight, bias, opts: LogitOptions, chunk_bytes: Optional[int]):
         self.H = hidden.shape[2]
         self.V = weight.shape[0]
         self.cdt = torch.promote_types(hidden.dtype, weight.dtype)  # an fp32 LM head computes in fp32
@@ -95,8 +114,10 @@ class _Head:
         self.w = weight.to(self.cdt)
         self.b = None if bias is None else bias.to(self.cdt)
         self.opts = opts
-        per_row = self.V * torch.empty((), dtype=self.cdt).element_size() * (1 if opts.softcap is None else 2)
-        self.chunk_rows = max(1, chunk_bytes // per_row)
+        size = torch.empty((), dtype=self.cdt).element_size()
+        if chunk_bytes is None:
+            chunk_bytes = default_chunk_bytes(hidden.device, self.V, size)
+        self.chunk_rows = max(1, chunk_bytes // (self.V * size * (1 if opts.softcap is None else 2)))
 
     def logits(self, idx):
         """(m, V) logits of the rows ``idx`` (flat indices into N * T), transformed in place."""
@@ -133,15 +154,17 @@ class _Head:
 
     def accumulate(self, idx, h, dz, grads):
         """grads = [grad_h_flat, grad_w (fp32 unless fp64), grad_b or None]: rows idx get dz @ W; W and b
-        accumulate."""
+        accumulate in fp32, each chunk's product formed in fp32 too (never rounded to a bf16 partial)."""
         grad_h, grad_w, grad_b = grads
         grad_h.index_copy_(0, idx, (dz @ self.w).to(grad_h.dtype))
         if grad_w.dtype == dz.dtype:
             grad_w.addmm_(dz.t(), h)
-        else:  # one GEMM in the compute dtype, accumulated across chunks in fp32
-            grad_w.add_(dz.t() @ h)
+        elif grad_w.is_cuda and _ADDMM_OUT_DTYPE:  # fp32 accumulation in the GEMM's epilogue
+            torch.addmm(grad_w, dz.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+        else:  # the chunk's inputs in fp32: exact products, fp32 sums (CPU has no out_dtype GEMM)
+            grad_w.addmm_(dz.t().to(grad_w.dtype), h.to(grad_w.dtype))
         if grad_b is not None:
-            grad_b.add_(dz.sum(0))
+            grad_b.add_(dz.sum(0, dtype=grad_b.dtype))
 
 
 def _completion_rows(labels, ignore_index, shift, pair_major: bool):
@@ -193,12 +216,10 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_token_logps, *_):
-        from fastdpo.logps import sequence_coef_to_rows
-
         hidden, weight, bias, labels, idx, targets, lse, num_tokens = ctx.saved_tensors
         ignore_index, shift, average, opts, chunk_bytes = ctx.options
-        coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
-                                     average).reshape(-1)[idx]
+        coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average)
+        coef = _ops.positions_to_rows(coef, shift).reshape(-1)[idx]
         grads = _grad_buffers(hidden, weight, bias)
         head = _Head(hidden, weight, bias, opts, chunk_bytes)
         for r0 in range(0, idx.numel(), head.chunk_rows):
@@ -226,7 +247,7 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100, shift: bool = True,
                           average: bool = False, logit_scale: float = 1.0, softcap: Optional[float] = None,
                           temperature: float = 1.0, return_token_logps: bool = False,
-                          return_token_stats: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> SequenceLogps:
+                          return_token_stats: bool = False, chunk_bytes: Optional[int] = None) -> SequenceLogps:
     """``sequence_logps(transform(hidden @ weight.T + bias), labels)`` without building the logits.
 
     Args:
@@ -234,7 +255,8 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         logit_scale, softcap, temperature: see ``LogitOptions``.
         return_token_stats: also return ``token_stats``, per-token (N, T) ``entropy``, ``mean_logits``,
             ``log_sum_sq_probs`` and ``is_top1`` (TRL's fused LM head outputs; not differentiable).
-        chunk_bytes: the logits buffer of one chunk of tokens.
+        chunk_bytes: the logits buffer of one chunk of tokens; None: ``default_chunk_bytes`` (128 MiB on CPU,
+            4096 tokens' logits on a GPU, within 1/8 of its free memory).
     """
     opts = LogitOptions(logit_scale, softcap, temperature)
     logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(
@@ -245,8 +267,9 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 class LinearDPOLossFunction(torch.autograd.Function):
     """``(hidden, weight, bias, labels, ref_chosen, ref_rejected, config, ignore_index, shift, opts,
-    chunk_bytes) -> (loss, logps (2B,), num_tokens (2B,), seq_stats (4, 2B))``. Forward computes the
-    gradients too (see the module docstring); backward scales them by grad_output."""
+    chunk_bytes) -> (loss, logps (2B,), num_tokens (2B,), seq_stats (4, 2B), rewards (2B,), metrics (10,))``,
+    as ``FusedDPOLossFunction``. Forward computes the gradients too (see the module docstring); backward scales
+    them by grad_output."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index,
@@ -264,58 +287,54 @@ class LinearDPOLossFunction(torch.autograd.Function):
         dev = hidden.device
         cdt = torch.float64 if head.cdt == torch.float64 else torch.float32
         like = torch.empty(0, dtype=cdt, device=dev)
-        if ref_chosen_logps is None:
-            ref = torch.zeros(N, dtype=cdt, device=dev)
-        else:
-            ref = torch.cat([_reference(ref_chosen_logps, "ref_chosen_logps", B, like),
-                             _reference(ref_rejected_logps, "ref_rejected_logps", B, like)])
+        ref_c = ref_r = None
+        if ref_chosen_logps is not None:
+            ref_c = _reference(ref_chosen_logps, "ref_chosen_logps", B, like, cdt)
+            ref_r = _reference(ref_rejected_logps, "ref_rejected_logps", B, like, cdt)
+        p = _head.params(config)
 
         idx, targets, valid_rows = _completion_rows(labels, ignore_index, shift, pair_major=True)
         valid_pos = _ops.rows_to_positions(valid_rows, shift)
         num_tokens = valid_pos.sum(1)
-        counts = num_tokens.to(cdt)
-        total_chosen = counts[:B].sum()
         token_w = None
         if config.ld_alpha is not None:
-            token_w = _ops.positions_to_rows(_ld_token_weights(valid_pos, config.ld_alpha), shift).reshape(-1)
+            token_w = _ops.positions_to_rows(ld_token_weights(valid_pos, config.ld_alpha), shift).reshape(-1)
         seq_of_row = idx // T  # the sequence of each completion row
         row_logps = torch.zeros(N * T, dtype=cdt, device=dev)
         lse = torch.zeros(idx.numel(), dtype=cdt, device=dev)
         stats = torch.zeros(4, N * T, dtype=cdt, device=dev)
+        # per-sequence numbers the head reads, filled in as the sequences' chunks are done
+        logps = torch.zeros(N, dtype=cdt, device=dev)
+        sums = torch.zeros(N, dtype=cdt, device=dev) if token_w is not None else logps
+        seq_stats = torch.zeros(4, N, dtype=cdt, device=dev)
         want_grad = any(ctx.needs_input_grad[:3])
         grads = _grad_buffers(hidden, weight, bias) if want_grad else None
 
-        def seq_numbers(seqs):
-            """Per-sequence (logps, unweighted sums, WPO sums of log sum p^2) of the sequences ``seqs``."""
+        def fill_sequences(seqs):
+            """Per-sequence log-probs, unweighted sums and statistics of the sequences ``seqs``."""
             rows = row_logps.view(N, T)[seqs]
-            sums = rows.sum(1)
-            logps = (rows * token_w.view(N, T)[seqs]).sum(1) if token_w is not None else sums
-            return logps, sums, stats[_ops.LOG_SUM_SQ_PROBS].view(N, T)[seqs].sum(1)
+            logps[seqs] = (rows * token_w.view(N, T)[seqs]).sum(1) if token_w is not None else rows.sum(1)
+            if token_w is not None:
+                sums[seqs] = rows.sum(1)
+            seq_stats[:, seqs] = stats.view(4, N, T)[:, seqs].sum(2)
 
-        def head_on_pairs(pairs):
-            """Loss share and per-sequence coefficients of the pairs ``pairs`` (a slice of [0, B))."""
-            seqs = torch.cat([torch.arange(pairs.start, pairs.stop, device=dev),
-                              torch.arange(B + pairs.start, B + pairs.stop, device=dev)])
-            logps, sums, lss = seq_numbers(seqs)
-            P = pairs.stop - pairs.start
-            pair_w = torch.ones(P, dtype=cdt, device=dev)
-            if config.use_weighting:
-                w = torch.exp((sums - lss) / counts[seqs].clamp(min=1))
-                pair_w = w[:P] * w[P:]
-            c = counts[seqs]
-            loss, g_c, g_r, g_sums = loss_head(logps[:P], logps[P:], ref[pairs], ref[B + pairs.start:B + pairs.stop],
-                                               c[:P], c[P:], sums[:P], pair_w, config, num_pairs=B,
-                                               total_chosen_tokens=total_chosen)
-            g_seq = torch.zeros(N, dtype=cdt, device=dev)
-            g_raw = torch.zeros(N, dtype=cdt, device=dev)
-            g_seq[seqs] = torch.cat([g_c, g_r])
-            g_raw[seqs[:P]] = g_sums
-            return loss, g_seq, g_raw
+        def head_on_pairs(p0, p1):
+            """Loss share of pairs [p0, p1) and the coefficient of each completion row of theirs."""
+            seqs = torch.cat([torch.arange(p0, p1, device=dev), torch.arange(B + p0, B + p1, device=dev)])
+            fill_sequences(seqs)
+            out, coef, rewards, metrics = _head.loss_head(logps, sums, num_tokens, seq_stats, ref_c, ref_r, p,
+                                                           pairs=(p0, p1), with_metrics=p1 == B)
+            if token_w is not None:  # LD-DPO weighs the pair terms per token; the token term (sft, nll) is flat
+                token = torch.zeros_like(coef)
+                token[:B] = out[1]
+                return out[0], coef - token, token, rewards, metrics
+            return out[0], coef, None, rewards, metrics
 
-        def row_coef(sl, g_seq, g_raw):
+        def row_coef(sl, coef, token):
             s = seq_of_row[sl]
-            w = token_w[idx[sl]] if token_w is not None else 1.0
-            return g_seq[s] * w + g_raw[s]
+            if token is None:
+                return coef[s]
+            return coef[s] * token_w[idx[sl]] + token[s]
 
         def forward_chunk(sl):
             h, z = head.logits(idx[sl])
@@ -339,29 +358,27 @@ class LinearDPOLossFunction(torch.autograd.Function):
                     p1 += 1
                 sl = slice(r0, r1)
                 h, z = forward_chunk(sl)
-                loss, g_seq, g_raw = head_on_pairs(slice(p0, p1))
+                loss, coef, token, rewards, metrics = head_on_pairs(p0, p1)
                 losses.append(loss)
                 if r1 > r0:
-                    backward_chunk(sl, h, z, row_coef(sl, g_seq, g_raw))
+                    backward_chunk(sl, h, z, row_coef(sl, coef, token))
                 p0, r0 = p1, r1
         else:  # log-probs of every chunk, the loss, then (with grad) recompute and gradients: 4 GEMMs
             for r0 in range(0, idx.numel(), head.chunk_rows):
                 forward_chunk(slice(r0, r0 + head.chunk_rows))
-            loss, g_seq, g_raw = head_on_pairs(slice(0, B))
+            loss, coef, token, rewards, metrics = head_on_pairs(0, B)
             losses.append(loss)
             if want_grad:
                 for r0 in range(0, idx.numel(), head.chunk_rows):
                     sl = slice(r0, r0 + head.chunk_rows)
                     h, z = head.logits(idx[sl])
-                    backward_chunk(sl, h, z, row_coef(sl, g_seq, g_raw))
+                    backward_chunk(sl, h, z, row_coef(sl, coef, token))
         loss = torch.stack(losses).sum()
-        logps, _, _ = seq_numbers(torch.arange(N, device=dev))
-        seq_stats = stats.view(4, N, T).sum(2)
         if want_grad:
             ctx.grads = _finish_grads(grads, hidden, weight, bias)
-        ctx.mark_non_differentiable(logps, num_tokens, seq_stats)
+        ctx.mark_non_differentiable(logps, num_tokens, seq_stats, rewards, metrics)
         ctx.set_materialize_grads(False)
-        return loss, logps, num_tokens, seq_stats
+        return loss, logps, num_tokens, seq_stats, rewards, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -375,31 +392,32 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: Optional[torch.Tensor] = None, *, config: Optional[DPOLossConfig] = None,
                     ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
                     softcap: Optional[float] = None, temperature: float = 1.0,
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, **options) -> DPOLossOutput:
+                    chunk_bytes: Optional[int] = None, **options) -> DPOLossOutput:
     """``dpo_loss`` of ``transform(hidden @ weight.T + bias)`` without building the logits; same options and
     output (every ``DPOLossConfig`` field as a keyword, or ``config=``).
 
     Args:
         hidden: (2B, T, H), rows [0, B) chosen, [B, 2B) rejected; weight: (V, H); bias: (V,) or None.
         logit_scale, softcap, temperature: see ``LogitOptions``.
-        chunk_bytes: the logits buffer of one chunk (a group of whole pairs where they fit).
+        chunk_bytes: the logits buffer of one chunk (a group of whole pairs where they fit); None:
+            ``default_chunk_bytes`` (128 MiB on CPU, 4096 tokens' logits on a GPU, within 1/8 of its free memory).
     """
     if config is None:
         config = DPOLossConfig(**options)
     elif options:
         raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
     opts = LogitOptions(logit_scale, softcap, temperature)
-    loss, logps, num_tokens, seq_stats = LinearDPOLossFunction.apply(
+    loss, logps, _, _, rewards, metrics = LinearDPOLossFunction.apply(
         hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, opts,
         chunk_bytes)
-    return dpo_output(config, loss, logps, num_tokens, seq_stats, ref_chosen_logps, ref_rejected_logps)
+    return dpo_output(loss, logps, rewards, metrics)
 
 
 class LinearDPOLoss(torch.nn.Module):
     """``LinearDPOLoss(beta=..., loss_type=...)(hidden, weight, labels, ref_chosen, ref_rejected, bias)``."""
 
     def __init__(self, *, ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, temperature: float = 1.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 softcap: Optional[float] = None, temperature: float = 1.0, chunk_bytes: Optional[int] = None,
                  **options):
         super().__init__()
         self.config = DPOLossConfig(**options)

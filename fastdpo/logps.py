@@ -21,7 +21,8 @@ def _mean_scale(num_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class SequenceLogpsFunction(torch.autograd.Function):
-    """``(logits, labels, ignore_index, shift, average, inplace_backward) -> (logps, token_logps, num_tokens)``.
+    """``(logits, labels, ignore_index, shift, average, inplace_backward, with_stats) -> (logps, token_logps,
+    num_tokens, stats)``.
 
     logits (N, T, V) float, labels (N, T) int. logps (N,) and token_logps (N, T) are differentiable; the
     backward is one pass that writes dlogits from the saved log-sum-exp (nothing of size T x V is saved).
@@ -32,15 +33,10 @@ class SequenceLogpsFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False,
                 with_stats=False):
         check_logits_labels(logits, labels, ignore_index)
-        row_logps, lse, stats = _library.logps_forward(logits, labels, ignore_index, shift, bool(with_stats))
-        token_logps = _ops.rows_to_positions(row_logps, shift)
-        _, valid = _ops.row_labels(labels, ignore_index, shift)
-        num_tokens = valid.sum(1)
-        logps = token_logps.sum(1)
+        token_logps, lse, stats, logps, num_tokens = _library.logps_forward(logits, labels, ignore_index, shift,
+                                                                          bool(with_stats))
         if average:
             logps = logps * _mean_scale(num_tokens, logps.dtype)
-        if with_stats:  # (4, N, T), aligned with the labels like token_logps
-            stats = _ops.rows_to_positions(stats.flatten(0, 1), shift).view(stats.shape)
         ctx.mark_non_differentiable(num_tokens, stats)
         ctx.set_materialize_grads(False)
         if ctx.needs_input_grad[0]:
@@ -52,8 +48,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_token_logps, _grad_num_tokens, _grad_stats=None):
         logits, labels, lse, num_tokens = ctx.saved_tensors
         ignore_index, shift, average, inplace = ctx.options
-        coef = sequence_coef_to_rows(labels, num_tokens, grad_logps, grad_token_logps, ignore_index, shift,
-                                     average)
+        coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average)
         return (logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace),
                 None, None, None, None, None, None)
 
@@ -66,17 +61,17 @@ def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
     return _library.logps_backward(logits, labels, lse, coef, ignore_index, shift)
 
 
-def sequence_coef_to_rows(labels, num_tokens, grad_seq, grad_token, ignore_index, shift, average):
-    """d loss / d row-logp (N, T) from gradients of the per-sequence (N,) and per-token (N, T) outputs."""
-    N, T = labels.shape
-    coef = labels.new_zeros((N, T), dtype=torch.float32 if grad_seq is None else grad_seq.dtype)
-    if grad_seq is not None:
-        scale = _mean_scale(num_tokens, grad_seq.dtype) if average else 1.0
-        coef = coef + (grad_seq * scale)[:, None]
-    if grad_token is not None:
-        coef = coef + grad_token
-    _, valid = _ops.row_labels(labels, ignore_index, shift)
-    return torch.where(valid, _ops.positions_to_rows(coef, shift), 0.0)
+def sequence_coef(labels, num_tokens, grad_seq, grad_token, average):
+    """d loss / d token-logp (N, T), aligned with the labels, from gradients of the per-sequence (N,) and
+    per-token (N, T) outputs. Masked positions may hold anything: the backward never reads them. A
+    per-sequence gradient alone is broadcast (stride 0), never materialised."""
+    if grad_seq is not None and average:
+        grad_seq = grad_seq * _mean_scale(num_tokens, grad_seq.dtype)
+    if grad_token is None:
+        if grad_seq is None:
+            return labels.new_zeros(labels.shape, dtype=torch.float32)
+        return grad_seq[:, None].expand(labels.shape)
+    return grad_token if grad_seq is None else grad_token + grad_seq[:, None]
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,

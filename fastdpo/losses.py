@@ -186,6 +186,17 @@ def pair_losses(loss_type: str, cfg: DPOLossConfig, chosen_logps, rejected_logps
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def ld_token_weights(valid_pos: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (2B, T): 1 for completion tokens within the shorter completion of the pair, ``ld_alpha`` past it,
+    0 off the completion (TRL 1.16). ``valid_pos`` (2B, T) bool marks the completion tokens."""
+    pos = valid_pos.cumsum(1)
+    lens = valid_pos.sum(1)
+    chosen_lens, rejected_lens = lens.chunk(2)
+    shared = torch.minimum(chosen_lens, rejected_lens).repeat(2)
+    w = torch.where(pos <= shared[:, None], 1.0, ld_alpha)
+    return torch.where(valid_pos, w, 0.0)
+
+
 def token_nll(chosen_sums, total_chosen_tokens) -> torch.Tensor:
     """Token-level mean NLL of the chosen completions: TRL's ``sft`` loss (the same for every pair, so its mean
     over pairs is itself) and RPO's NLL term."""

@@ -22,8 +22,11 @@ z = beta * d, logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)):
     simpo        L = smoothed sigmoid of z = beta (pi_c/n_c - pi_r/n_r) - gamma (no reference)
     sft, nll     -sum(chosen log-probs) / sum(chosen tokens): one scalar, the same coefficient everywhere
 
-The pairs of one call may be a part of the batch (the fused-linear path processes pairs in groups): the
-mean divides by ``num_pairs`` and the token terms by the batch's chosen token count (``totals``).
+Inputs are the batch's per-sequence numbers (N = 2B sequences: chosen [0, B), rejected [B, 2B)). One call may
+compute the coefficients of a part of the pairs, [p0, p1) (the fused-linear path processes pairs in groups):
+the loss is then that part's share, the mean still divides by the batch's pair count and the token terms by
+its chosen token count. With ``WITH_METRICS`` the call also writes every pair's rewards and TRL's metrics,
+over the whole batch (the last call of a batch, when every log-prob is in).
 
 Each type is weighted by ``loss_weights[t]`` (0: off; a NaN of an unused formula never leaks: selected away
 with ``where``), each pair by its WPO weight, and averaged over pairs. One program walks all pairs in a fixed
@@ -36,8 +39,9 @@ import triton.language as tl
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Order of the ``loss_weights`` vector: fastdpo.losses.LOSS_TYPES.
-# Each pair carries ~40 live fp32 intermediates: 256 pairs per 4 warps spill (AOT check); more pairs loop.
-MAX_BLOCK_B = 128
+# Each pair carries ~40 live fp32 intermediates: 128 pairs per 4 warps spill with the metrics (AOT check); more
+# pairs loop.
+MAX_BLOCK_B = 64
 NUM_WARPS = 4
 
 
@@ -90,59 +94,103 @@ def _f_divergence(x, f_div, inv_am1, am1):
 
 @triton.jit
 def _dpo_loss_head_kernel(
-    # per-pair inputs, (B,) fp32
-    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
-    chosen_tokens_ptr, rejected_tokens_ptr, chosen_sums_ptr, pair_weights_ptr,
+    # per-sequence inputs, (N,) fp32, N = 2 * num_pairs: chosen [0, B), rejected [B, 2B)
+    logps_ptr,  # policy log-probs (LD-DPO weighted when on)
+    sums_ptr,  # unweighted log-prob sums (the sft / nll terms); logps_ptr itself without LD-DPO
+    counts_ptr,  # completion tokens, int64
+    seq_stats_ptr,  # (4, N): sums of mean logit, entropy, log sum p^2, top-1 hits over each completion
+    ref_chosen_ptr, ref_rejected_ptr,  # (B,) fp32 reference log-probs (read only when has_ref)
     aot_delta_ptr, aot_rank_ptr,  # aot: sorted(pi_c - pi_r) - sorted(ref_c - ref_r), rank of each pair (int64)
     aotu_delta_ptr, aotu_rank_c_ptr, aotu_rank_r_ptr,  # aot_unpaired: sorted(c) - sorted(r), ranks
-    loss_weights_ptr,  # (16,) fp32 in LOSS_TYPES order; 0 = off
-    totals_ptr,  # (2,) fp32: the batch's chosen token count and sum of WPO weights (these pairs may be a part)
     # outputs
-    loss_ptr,  # (1,) fp32
-    grad_chosen_ptr, grad_rejected_ptr,  # (B,) fp32: dL / d pi_c, dL / d pi_r
-    grad_chosen_sums_ptr,  # (B,) fp32: dL / d (unweighted chosen log-prob sums): sft and nll
+    loss_ptr,  # (2,) fp32: the loss of pairs [p0, p1) (their share of the batch loss), the token coefficient
+    coef_ptr,  # (N,) fp32: dL/d logp of each sequence of pairs [p0, p1), the token term included (chosen)
+    rewards_ptr,  # (N,) fp32, WITH_METRICS: beta * (logp - ref)
+    metrics_ptr,  # (10,) fp32, WITH_METRICS: TRL's metrics (see fastdpo._head.METRICS)
     # scalars
-    B,  # pairs in this call
-    num_pairs,  # pairs in the batch (the mean's divisor; B unless these pairs are a part of it)
-    beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha,
+    num_pairs, p0, p1, has_ref,
+    beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha, use_weighting,
+    # loss weights in LOSS_TYPES order (0: off)
+    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,
     BLOCK_B: tl.constexpr,
+    WITH_METRICS: tl.constexpr,
 ):
     offs0 = tl.arange(0, BLOCK_B)
-    N = tl.load(totals_ptr)
-    W = tl.load(totals_ptr + 1)
-    w_sft = tl.load(loss_weights_ptr + 13)
-    # sft: L = -S / N for every pair, times its WPO weight, averaged over pairs: -S / N * W / num_pairs
-    token_w = tl.where(w_sft != 0.0, w_sft * W / num_pairs, 0.0) + nll_alpha
-    has_token_terms = token_w != 0.0
-    token_grad = tl.where(has_token_terms, -token_w / N, 0.0)
-
-    w0 = tl.load(loss_weights_ptr + 0)
-    w1 = tl.load(loss_weights_ptr + 1)
-    w2 = tl.load(loss_weights_ptr + 2)
-    w3 = tl.load(loss_weights_ptr + 3)
-    w4 = tl.load(loss_weights_ptr + 4)
-    w5 = tl.load(loss_weights_ptr + 5)
-    w6 = tl.load(loss_weights_ptr + 6)
-    w7 = tl.load(loss_weights_ptr + 7)
-    w8 = tl.load(loss_weights_ptr + 8)
-    w9 = tl.load(loss_weights_ptr + 9)
-    w10 = tl.load(loss_weights_ptr + 10)
-    w11 = tl.load(loss_weights_ptr + 11)
-    w12 = tl.load(loss_weights_ptr + 12)
-    w14 = tl.load(loss_weights_ptr + 14)
-    w15 = tl.load(loss_weights_ptr + 15)
-
-    acc = tl.zeros((BLOCK_B,), tl.float32)
-    s_acc = tl.zeros((BLOCK_B,), tl.float32)
+    B = num_pairs
+    ref_lanes = (offs0 * 0 + has_ref) != 0  # a lane mask: reference-free calls read no reference
+    # Pass 1, every pair of the batch: its chosen token count and WPO weight sum (the sft term's divisors),
+    # and with WITH_METRICS the rewards and the metrics' sums, in a fixed order.
+    n_acc = tl.zeros((BLOCK_B,), tl.float32)
+    w_acc = tl.zeros((BLOCK_B,), tl.float32)
+    rc_acc = tl.zeros((BLOCK_B,), tl.float32)
+    rr_acc = tl.zeros((BLOCK_B,), tl.float32)
+    acc_acc = tl.zeros((BLOCK_B,), tl.float32)
+    pc_acc = tl.zeros((BLOCK_B,), tl.float32)
+    pr_acc = tl.zeros((BLOCK_B,), tl.float32)
+    nr_acc = tl.zeros((BLOCK_B,), tl.float32)
+    lc_acc = tl.zeros((BLOCK_B,), tl.float32)
+    lr_acc = tl.zeros((BLOCK_B,), tl.float32)
+    ent_acc = tl.zeros((BLOCK_B,), tl.float32)
+    top_acc = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs = b0 + offs0
         m = offs < B
-        pc = tl.load(chosen_ptr + offs, mask=m, other=0.0)
-        pr = tl.load(rejected_ptr + offs, mask=m, other=0.0)
-        c = pc - tl.load(ref_chosen_ptr + offs, mask=m, other=0.0)
-        r = pr - tl.load(ref_rejected_ptr + offs, mask=m, other=0.0)
-        nc = tl.maximum(tl.load(chosen_tokens_ptr + offs, mask=m, other=1.0), 1.0)
-        nr = tl.maximum(tl.load(rejected_tokens_ptr + offs, mask=m, other=1.0), 1.0)
+        n_acc += tl.load(counts_ptr + offs, mask=m, other=0).to(tl.float32)
+        if use_weighting != 0:
+            w_acc += _wpo_weight(sums_ptr, counts_ptr, seq_stats_ptr, offs, m, B)
+        else:
+            w_acc += tl.where(m, 1.0, 0.0)
+        if WITH_METRICS:
+            pc = tl.load(logps_ptr + offs, mask=m, other=0.0)
+            pr = tl.load(logps_ptr + B + offs, mask=m, other=0.0)
+            rc = beta * (pc - tl.load(ref_chosen_ptr + offs, mask=m & ref_lanes, other=0.0))
+            rr = beta * (pr - tl.load(ref_rejected_ptr + offs, mask=m & ref_lanes, other=0.0))
+            tl.store(rewards_ptr + offs, rc, mask=m)
+            tl.store(rewards_ptr + B + offs, rr, mask=m)
+            rc_acc += tl.where(m, rc, 0.0)
+            rr_acc += tl.where(m, rr, 0.0)
+            acc_acc += tl.where(m & (rc > rr), 1.0, 0.0)
+            pc_acc += pc
+            pr_acc += pr
+            nr_acc += tl.load(counts_ptr + B + offs, mask=m, other=0).to(tl.float32)
+            lc_acc += tl.load(seq_stats_ptr + offs, mask=m, other=0.0)
+            lr_acc += tl.load(seq_stats_ptr + B + offs, mask=m, other=0.0)
+            ent_acc += tl.load(seq_stats_ptr + 2 * B + offs, mask=m, other=0.0)
+            ent_acc += tl.load(seq_stats_ptr + 3 * B + offs, mask=m, other=0.0)
+            top_acc += tl.load(seq_stats_ptr + 6 * B + offs, mask=m, other=0.0)
+    N_tok = tl.sum(n_acc, 0)
+    W = tl.sum(w_acc, 0)
+    if WITH_METRICS:
+        n_rej = tl.sum(nr_acc, 0)
+        tl.store(metrics_ptr + 0, tl.sum(rc_acc, 0) / B)
+        tl.store(metrics_ptr + 1, tl.sum(rr_acc, 0) / B)
+        tl.store(metrics_ptr + 2, tl.sum(acc_acc, 0) / B)
+        tl.store(metrics_ptr + 3, (tl.sum(rc_acc, 0) - tl.sum(rr_acc, 0)) / B)
+        tl.store(metrics_ptr + 4, tl.sum(pc_acc, 0) / B)
+        tl.store(metrics_ptr + 5, tl.sum(pr_acc, 0) / B)
+        tl.store(metrics_ptr + 6, tl.where(N_tok > 0, tl.sum(lc_acc, 0) / tl.maximum(N_tok, 1.0), 0.0))
+        tl.store(metrics_ptr + 7, tl.where(n_rej > 0, tl.sum(lr_acc, 0) / tl.maximum(n_rej, 1.0), 0.0))
+        n_all = N_tok + n_rej
+        tl.store(metrics_ptr + 8, tl.where(n_all > 0, tl.sum(ent_acc, 0) / tl.maximum(n_all, 1.0), 0.0))
+        tl.store(metrics_ptr + 9, tl.where(N_tok > 0, tl.sum(top_acc, 0) / tl.maximum(N_tok, 1.0), 0.0))
+
+    # sft: L = -S / N for every pair, times its WPO weight, averaged over pairs: -S / N * W / num_pairs
+    token_w = tl.where(w13 != 0.0, w13 * W / num_pairs, 0.0) + nll_alpha
+    has_token_terms = token_w != 0.0
+    token_grad = tl.where(has_token_terms, -token_w / N_tok, 0.0)
+
+    # Pass 2, pairs [p0, p1): losses and coefficients.
+    acc = tl.zeros((BLOCK_B,), tl.float32)
+    s_acc = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(p0, p1, BLOCK_B):
+        offs = b0 + offs0
+        m = offs < p1
+        pc = tl.load(logps_ptr + offs, mask=m, other=0.0)
+        pr = tl.load(logps_ptr + B + offs, mask=m, other=0.0)
+        c = pc - tl.load(ref_chosen_ptr + offs, mask=m & ref_lanes, other=0.0)
+        r = pr - tl.load(ref_rejected_ptr + offs, mask=m & ref_lanes, other=0.0)
+        nc = tl.maximum(tl.load(counts_ptr + offs, mask=m, other=1).to(tl.float32), 1.0)
+        nr = tl.maximum(tl.load(counts_ptr + B + offs, mask=m, other=1).to(tl.float32), 1.0)
         sc, dsc = _f_divergence(c, f_div, inv_am1, am1)
         sr, dsr = _f_divergence(r, f_div, inv_am1, am1)
         z = beta * (sc - sr)
@@ -237,13 +285,27 @@ def _dpo_loss_head_kernel(
         gc += tl.where(w15 != 0.0, w15 * beta * gsim / nc, 0.0)
         gr += tl.where(w15 != 0.0, -w15 * beta * gsim / nr, 0.0)
 
-        s_acc += tl.load(chosen_sums_ptr + offs, mask=m, other=0.0)
-        scale = tl.load(pair_weights_ptr + offs, mask=m, other=0.0) / num_pairs  # WPO weight, mean over pairs
+        s_acc += tl.load(sums_ptr + offs, mask=m, other=0.0)
+        if use_weighting != 0:
+            pair_w = _wpo_weight(sums_ptr, counts_ptr, seq_stats_ptr, offs, m, B)
+        else:
+            pair_w = tl.where(m, 1.0, 0.0)
+        scale = pair_w / num_pairs  # WPO weight, mean over pairs
         acc += tl.where(m, loss * scale, 0.0)
-        grad_c = ((gd + gsc) * dsc + gc) * scale
+        grad_c = ((gd + gsc) * dsc + gc) * scale + token_grad
         grad_r = ((gsr - gd) * dsr + gr) * scale
-        tl.store(grad_chosen_ptr + offs, grad_c, mask=m)
-        tl.store(grad_rejected_ptr + offs, grad_r, mask=m)
-        tl.store(grad_chosen_sums_ptr + offs, tl.zeros((BLOCK_B,), tl.float32) + token_grad, mask=m)
-    token_loss = tl.where(has_token_terms, token_w * (-tl.sum(s_acc, 0) / N), 0.0)
+        tl.store(coef_ptr + offs, grad_c, mask=m)
+        tl.store(coef_ptr + B + offs, grad_r, mask=m)
+    token_loss = tl.where(has_token_terms, token_w * (-tl.sum(s_acc, 0) / N_tok), 0.0)
     tl.store(loss_ptr, tl.sum(acc, 0) + token_loss)
+    tl.store(loss_ptr + 1, token_grad)
+
+
+@triton.jit
+def _wpo_weight(sums_ptr, counts_ptr, seq_stats_ptr, offs, m, B):
+    """WPO: the pair's exp(mean over the completion of log p - log sum p^2), chosen times rejected."""
+    nc = tl.maximum(tl.load(counts_ptr + offs, mask=m, other=1).to(tl.float32), 1.0)
+    nr = tl.maximum(tl.load(counts_ptr + B + offs, mask=m, other=1).to(tl.float32), 1.0)
+    lc = tl.load(sums_ptr + offs, mask=m, other=0.0) - tl.load(seq_stats_ptr + 4 * B + offs, mask=m, other=0.0)
+    lr = tl.load(sums_ptr + B + offs, mask=m, other=0.0) - tl.load(seq_stats_ptr + 5 * B + offs, mask=m, other=0.0)
+    return tl.where(m, tl.exp(lc / nc) * tl.exp(lr / nr), 0.0)

@@ -18,14 +18,22 @@ and with ``WITH_STATS`` the per-token statistics DPO trainers log, in the same p
     log_sum_sq_probs = log(sum_v p[v]^2)           (running sum of exp(2 (x - m)); WPO weighting)
     is_top1          = label is the first argmax   (x[label] >= m and x[label] > max of x before label)
 
+The log-prob and the statistics of a row are stored at its label's *position* (t + shift; the first
+position, which no row scores when shifting, gets 0 from the last row, which scores nothing), so outputs come
+out aligned with ``labels`` and need no shifting copy; ``lse`` stays per row.
+
 Backward, one read of each logit of a row with non-zero coefficient and one write of every gradient:
 
-    dlogits[row, v] = coef[row] * (1[v == label] - exp(x[v] - lse[row]))
+    dlogits[row, v] = coef[position of row] * (1[v == label] - exp(x[v] - lse[row]))
 
-``coef`` (one fp32 per row) carries everything upstream: the per-sequence gradient of the summed or
-averaged log-prob, a per-token gradient, or the DPO loss's own coefficient. Invalid rows have coef 0 and
-get a zero gradient without a read. The gradient is formed in fp32 and rounded once on store, so the
-target element (1 - p, where bf16 would cancel) is exact to the storage precision.
+``coef`` (fp32, indexed like ``labels`` through its own strides: a per-sequence coefficient broadcast with a
+zero position stride costs no (N, T) tensor) carries everything upstream: the per-sequence gradient of the
+summed or averaged log-prob, a per-token gradient, or the DPO loss's own coefficient. Invalid rows get a zero
+gradient without a read, whatever their coefficient. The gradient is formed in fp32 and rounded once on store,
+so the target element (1 - p, where bf16 would cancel) is exact to the storage precision.
+
+``_sequence_sums_kernel`` (one program per sequence, a fixed reduction order) then sums the log-probs, the
+token count and the statistics of each sequence: what every loss reads.
 
 Rows are tiled [BLOCK_T, BLOCK_V]: BLOCK_T > 1 only for small vocabularies, where one row per program
 would leave most lanes idle. Offsets of rows are int64 (16 x 2048 x 128256 logits already pass 2^31).
@@ -87,6 +95,14 @@ def _row_coords(pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, 
 
 
 @triton.jit
+def _position(n, t, T, shift):
+    """Flat index (N * T) of the label that row (n, t) scores: t + shift, and 0 for the last row with shift
+    (it scores nothing, and position 0 is scored by no row)."""
+    label_t = t + shift
+    return n * T + tl.where(label_t < T, label_t, 0)
+
+
+@triton.jit
 def _lanes(x, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """(BLOCK_T, BLOCK_V) -> (BLOCK_T, BLOCK_V // VEC): sums of VEC neighbours, the elements one thread loads
     in one 16-byte vector, so the sum stays inside the thread (no shuffle, no barrier)."""
@@ -121,9 +137,9 @@ def _sequence_logps_fwd_kernel(
     # data ptrs
     logits_ptr,  # (N, T, V) any float dtype, any strides
     labels_ptr,  # (N, T) int64
-    token_logps_ptr,  # (N * T,) fp32 out: log p(label), 0 on invalid rows
-    lse_ptr,  # (N * T,) fp32 out: log-sum-exp, 0 on invalid rows
-    stats_ptr,  # (4, N * T) fp32 out, only WITH_STATS: mean logit, entropy, log sum p^2, is_top1; 0 if invalid
+    token_logps_ptr,  # (N * T,) fp32 out, at positions: log p(label), 0 where no valid row scores it
+    lse_ptr,  # (N * T,) fp32 out, per row: log-sum-exp, 0 on invalid rows
+    stats_ptr,  # (4, N * T) fp32 out, only WITH_STATS, at positions: mean logit, entropy, log sum p^2, is_top1
     # shapes
     n_rows, T, V,
     # strides
@@ -177,15 +193,16 @@ def _sequence_logps_fwd_kernel(
     label_ok = (label >= 0) & (label < V)
     target = tl.load(row_ptr + tl.where(label_ok, label, 0) * stride_xv, mask=valid, other=0.0).to(tl.float32)
     logp = tl.where(label_ok, target - lse, float("nan"))
-    tl.store(token_logps_ptr + rows, tl.where(valid, logp, 0.0), mask=in_bounds)
+    pos = _position(n, t, T, shift)
+    tl.store(token_logps_ptr + pos, tl.where(valid, logp, 0.0), mask=in_bounds)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_bounds)
     if WITH_STATS:
         is_top1 = ((target >= m) & (target > m_before)).to(tl.float32)
-        tl.store(stats_ptr + rows, tl.where(valid, xsum / V, 0.0), mask=in_bounds)
-        tl.store(stats_ptr + n_rows + rows, tl.where(valid, lse - xp / s, 0.0), mask=in_bounds)
-        tl.store(stats_ptr + 2 * n_rows + rows, tl.where(valid, (tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0),
+        tl.store(stats_ptr + pos, tl.where(valid, xsum / V, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + n_rows + pos, tl.where(valid, lse - xp / s, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + 2 * n_rows + pos, tl.where(valid, (tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0),
                  mask=in_bounds)
-        tl.store(stats_ptr + 3 * n_rows + rows, tl.where(valid, is_top1, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + 3 * n_rows + pos, tl.where(valid, is_top1, 0.0), mask=in_bounds)
 
 
 @triton.jit
@@ -193,8 +210,8 @@ def _sequence_logps_bwd_kernel(
     # data ptrs
     logits_ptr,  # (N, T, V) any float dtype, any strides
     labels_ptr,  # (N, T) int64
-    lse_ptr,  # (N * T,) fp32, from the forward
-    coef_ptr,  # (N * T,) fp32: d loss / d logp of each row, 0 on invalid rows
+    lse_ptr,  # (N * T,) fp32 per row, from the forward
+    coef_ptr,  # (N, T) fp32 at positions, any strides: d loss / d logp of each scored label
     dlogits_ptr,  # (N, T, V) out, dtype of the logits; may alias logits_ptr (in-place backward)
     # shapes
     n_rows, T, V,
@@ -202,6 +219,7 @@ def _sequence_logps_bwd_kernel(
     stride_xn, stride_xt, stride_xv,
     stride_ln, stride_lt,
     stride_gn, stride_gt, stride_gv,
+    stride_cn, stride_ct,
     ignore_index,
     shift,  # 0 or 1
     BLOCK_T: tl.constexpr,
@@ -210,7 +228,8 @@ def _sequence_logps_bwd_kernel(
     pid = tl.program_id(0)
     rows, in_bounds, n, t, label, valid = _row_coords(
         pid, n_rows, T, stride_ln, stride_lt, labels_ptr, ignore_index, shift, BLOCK_T)
-    coef = tl.load(coef_ptr + rows, mask=in_bounds, other=0.0)
+    label_t = t + shift
+    coef = tl.load(coef_ptr + n * stride_cn + label_t * stride_ct, mask=valid, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=in_bounds, other=0.0)
     read = valid & (coef != 0.0)
     x_row = logits_ptr + n * stride_xn + t * stride_xt
@@ -226,3 +245,56 @@ def _sequence_logps_bwd_kernel(
         g = tl.where(read[:, None], coef[:, None] * (onehot - p), 0.0)
         tl.store(g_row[:, None] + v[None, :] * stride_gv, g.to(dlogits_ptr.dtype.element_ty),
                  mask=in_bounds[:, None] & in_v)
+
+
+@triton.jit
+def _sequence_sums_kernel(
+    # data ptrs
+    token_logps_ptr,  # (N, T) fp32 at positions, from the forward
+    stats_ptr,  # (4, N, T) fp32 at positions (only WITH_STATS)
+    labels_ptr,  # (N, T) int64
+    logps_ptr,  # (N,) fp32 out: sum of the log-probs of the sequence
+    num_tokens_ptr,  # (N,) int64 out: its valid positions
+    seq_stats_ptr,  # (4, N) fp32 out (only WITH_STATS): sums of each statistic over its valid positions
+    # shapes
+    N, T,
+    NT,  # N * T
+    # strides
+    stride_ln, stride_lt,
+    ignore_index,
+    shift,  # 0 or 1
+    BLOCK: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+):
+    """Program n sums sequence n's positions in a fixed order: the same bits on every run."""
+    n = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    cnt = tl.zeros((BLOCK,), tl.int64)
+    s0 = tl.zeros((BLOCK,), tl.float32)
+    s1 = tl.zeros((BLOCK,), tl.float32)
+    s2 = tl.zeros((BLOCK,), tl.float32)
+    s3 = tl.zeros((BLOCK,), tl.float32)
+    cols = tl.arange(0, BLOCK)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + cols
+        in_t = (t < T) & (t >= shift)  # with shift, position 0 is scored by no row
+        label = tl.load(labels_ptr + n * stride_ln + t * stride_lt, mask=in_t, other=ignore_index)
+        valid = in_t & (label != ignore_index)
+        acc += tl.load(token_logps_ptr + n * T + t, mask=valid, other=0.0)
+        cnt += valid.to(tl.int64)
+        if WITH_STATS:
+            s0 += tl.load(stats_ptr + n * T + t, mask=valid, other=0.0)
+            s1 += tl.load(stats_ptr + NT + n * T + t, mask=valid, other=0.0)
+            s2 += tl.load(stats_ptr + 2 * NT + n * T + t, mask=valid, other=0.0)
+            s3 += tl.load(stats_ptr + 3 * NT + n * T + t, mask=valid, other=0.0)
+    tl.store(logps_ptr + n, tl.sum(acc, 0))
+    tl.store(num_tokens_ptr + n, tl.sum(cnt, 0))
+    if WITH_STATS:
+        tl.store(seq_stats_ptr + n, tl.sum(s0, 0))
+        tl.store(seq_stats_ptr + N + n, tl.sum(s1, 0))
+        tl.store(seq_stats_ptr + 2 * N + n, tl.sum(s2, 0))
+        tl.store(seq_stats_ptr + 3 * N + n, tl.sum(s3, 0))
+
+
+SUMS_BLOCK = 1024
+SUMS_NUM_WARPS = 4

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.dpo import loss_head
+from fastdpo import _head
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
 from fastdpo.naive import naive_token_logps
 from helpers import logp_tol, store_atol, store_rtol
@@ -158,17 +158,19 @@ def test_loss_head_extremes(backend, beta, gap):
     chosen = -50 + 5 * torch.randn(B, generator=g)
     rejected = -50 + 5 * torch.randn(B, generator=g)
     ref_c, ref_r = chosen - gap, rejected + gap
-    nc = torch.randint(1, 40, (B,), generator=g).float()
-    nr = torch.randint(1, 40, (B,), generator=g).float()
+    nc = torch.randint(1, 40, (B,), generator=g)
+    nr = torch.randint(1, 40, (B,), generator=g)
+    logps, counts = torch.cat([chosen, rejected]), torch.cat([nc, nr])
     for types in [list(LOSS_TYPES)] + [[t] for t in LOSS_TYPES]:
         cfg = DPOLossConfig(beta=beta, loss_type=types, label_smoothing=0.1 if set(types) & set(SMOOTHED) else 0.0)
-        got = loss_head(chosen, rejected, ref_c, ref_r, nc, nr, chosen, torch.ones(B), cfg)
-        leaves = [t.double().requires_grad_(True) for t in (chosen, rejected, chosen)]
+        out, coef, _, _ = _head.loss_head(logps, logps, counts, torch.zeros(4, 2 * B), ref_c, ref_r,
+                                          _head.params(cfg), with_metrics=False)
+        leaves = [t.double().requires_grad_(True) for t in (chosen, rejected)]
         ref = dpo_loss_from_logps(leaves[0], leaves[1], ref_c.double(), ref_r.double(), chosen_tokens=nc.double(),
-                                  rejected_tokens=nr.double(), chosen_sums=leaves[2], config=cfg)
+                                  rejected_tokens=nr.double(), chosen_sums=leaves[0], config=cfg)
         ref_grads = [torch.zeros(B, dtype=torch.float64) if g is None else g
                      for g in torch.autograd.grad(ref, leaves, allow_unused=True)]
-        for a, b in zip(got, (ref, *ref_grads)):
+        for a, b in zip((out[0], coef[:B], coef[B:]), (ref, *ref_grads)):
             b = b.detach()
             assert torch.equal(torch.isfinite(a), torch.isfinite(b)), (types, a, b)
             fin = torch.isfinite(b)

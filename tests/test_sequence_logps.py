@@ -233,10 +233,10 @@ def test_triton_out_of_range_label_gives_nan_not_a_read():
     try:
         logits = torch.randn(1, 4, 50)
         labels = torch.tensor([[0, 3, 10 ** 9, -7]])
-        row_logps, _, _ = _ops.logps_forward(logits, labels, -100, True)
+        token_logps, _, _ = _ops.logps_forward(logits, labels, -100, True)  # aligned with the labels
     finally:
         del os.environ["FASTDPO_BACKEND"]
-    assert torch.isfinite(row_logps[0, 0]) and torch.isnan(row_logps[0, 1:3]).all()
+    assert token_logps[0, 0] == 0 and torch.isfinite(token_logps[0, 1]) and torch.isnan(token_logps[0, 2:]).all()
 
 
 @pytest.mark.parametrize("bad,exc,word", [
@@ -268,7 +268,8 @@ def test_forward_stats(backend):
     labels[0, 2] = int(logits[0, 1].argmax())  # some rows whose label is the argmax
     labels[1, 4] = int(logits[1, 3].argmax())
     logits[2, 0, 10:20] = float("-inf")  # a padded vocabulary: entropy stays finite
-    rows, lse, stats = _ops.logps_forward(logits, labels, -100, True, with_stats=True)
+    _, lse, stats = _ops.logps_forward(logits, labels, -100, True, with_stats=True)
+    stats = _ops.positions_to_rows(stats.flatten(0, 1), True).view(stats.shape)  # row t scores position t + 1
     rlab, valid = _ops.row_labels(labels, -100, True)
     x = logits.double()
     p = torch.softmax(x, -1)
@@ -289,7 +290,7 @@ def test_is_top1_ties_take_the_first_index(backend):
     logits[0, 2, 7] = 5.0
     labels = torch.tensor([[0, 9, 3, 7]])
     _, _, stats = _ops.logps_forward(logits, labels, -100, True, with_stats=True)
-    assert stats[_ops.IS_TOP1, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert stats[_ops.IS_TOP1, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # aligned with the labels (rows 0-2 -> 1-3)
 
 
 @pytest.mark.parametrize("shift", [True, False])
