@@ -47,12 +47,14 @@ TRANSFORMS = [dict(), dict(logit_scale=0.6, softcap=4.0, temperature=1.5), dict(
 
 
 @pytest.mark.parametrize("kw", TRANSFORMS, ids=["plain", "scale-softcap-temp", "temp"])
-@pytest.mark.parametrize("chunk_rows", [None, 4])
-def test_linear_sequence_logps_equals_logits_path(backend, kw, chunk_rows):
+@pytest.mark.parametrize("chunk_rows,lean", [(None, False), (4, False), (4, True)], ids=["whole", "chunks", "lean"])
+def test_linear_sequence_logps_equals_logits_path(backend, kw, chunk_rows, lean):
+    """Lean: the backward in vocabulary tiles (64 columns here: 5 tiles of V = 300, the last partial)."""
     hidden, weight, bias, labels, _, _ = inputs(bias=True)
     cb = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * V * 4 * (2 if kw.get("softcap") else 1)}
     h1, w1, b1 = leaves(hidden, weight, bias)
-    out = linear_sequence_logps(h1, w1, labels, b1, return_token_logps=True, return_token_stats=True, **kw, **cb)
+    out = linear_sequence_logps(h1, w1, labels, b1, return_token_logps=True, return_token_stats=True, lean=lean,
+                                **kw, **cb)
     g = torch.randn(2 * B)
     ((out.logps * g).sum() + out.token_logps.sum()).backward()
     h2, w2, b2 = leaves(hidden, weight, bias)
@@ -83,14 +85,16 @@ LOSSES = [dict(loss_type="sigmoid"), dict(loss_type=["ipo", "sft"], beta=0.3), d
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda d: "-".join(str(v) for v in d.values()))
-@pytest.mark.parametrize("chunk_rows", [None, 4, 11], ids=["whole", "two-pass", "grouped"])
-def test_linear_dpo_loss_equals_logits_path(backend, loss, chunk_rows):
+@pytest.mark.parametrize("chunk_rows,lean", [(None, False), (4, False), (11, False), (4, True)],
+                         ids=["whole", "two-pass", "grouped", "lean"])
+def test_linear_dpo_loss_equals_logits_path(backend, loss, chunk_rows, lean):
     """Grouped mode (chunks of whole pairs), two-pass mode (pairs longer than the chunk, and the aot / WPO+sft
-    losses) and one chunk for everything: all equal dpo_loss on the logits."""
+    losses), one chunk for everything, and the lean mode (backward in vocabulary tiles): all equal dpo_loss on
+    the logits."""
     hidden, weight, bias, labels, ref_c, ref_r = inputs(seed=1, bias=True)
     cb = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * V * 4}
     h1, w1, b1 = leaves(hidden, weight, bias)
-    out = linear_dpo_loss(h1, w1, labels, ref_c, ref_r, b1, **cb, **loss)
+    out = linear_dpo_loss(h1, w1, labels, ref_c, ref_r, b1, lean=lean, **cb, **loss)
     (2.5 * out.loss).backward()
     h2, w2, b2 = leaves(hidden, weight, bias)
     ref = fastdpo.dpo_loss(h2 @ w2.t() + b2, labels, ref_c, ref_r, **loss)
@@ -247,19 +251,19 @@ def test_weight_gradient_accumulates_in_fp32_whatever_the_chunking(backend):
     loss = fastdpo.dpo_loss(h64 @ w64.t() + b64, labels, ref_c, ref_r).loss
     ref_gw, ref_gb = torch.autograd.grad(loss, (w64, b64))
 
-    def errors(chunk_rows):
+    def errors(chunk_rows, lean=False):
         h, w, b = leaves(hidden, weight, bias)
-        out = linear_dpo_loss(h, w, labels, ref_c, ref_r, b, chunk_bytes=chunk_rows * Vq * 2)
+        out = linear_dpo_loss(h, w, labels, ref_c, ref_r, b, chunk_bytes=chunk_rows * Vq * 2, lean=lean)
         out.loss.backward()
         assert w.grad.dtype == torch.bfloat16
         return [((grad.double() - ref).norm() / ref.norm()).item() for grad, ref in ((w.grad, ref_gw),
                                                                                      (b.grad, ref_gb))]
 
     one = errors(2 * Bq * Tq)  # every completion token in one chunk
-    for rows in (16, 4):  # 10 and 40 chunks
-        many = errors(rows)
+    for rows, lean in ((16, False), (4, False), (4, True)):  # 10 and 40 chunks; vocabulary tiles of 64
+        many = errors(rows, lean)
         for e_one, e_many in zip(one, many):
-            assert e_many <= 1.01 * e_one, (rows, one, many)
+            assert e_many <= 1.01 * e_one, (rows, lean, one, many)
             assert e_one < 2 ** -7  # bf16-sized, not more
 
 
@@ -267,3 +271,28 @@ def test_default_chunk_bytes():
     from fastdpo.linear import DEFAULT_CHUNK_BYTES, default_chunk_bytes
 
     assert default_chunk_bytes(torch.device("cpu"), 128256, 2) == DEFAULT_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_lean_holds_no_fp32_weight_gradient(backend, lean):
+    """The lean setting never creates an fp32 tensor of the LM head's size (the default keeps one: the weight
+    gradient's accumulator); both give the logits path's gradients (test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_sizes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.fp32_sizes.add(t.numel())
+            return out
+
+    hidden, weight, _, labels, ref_c, ref_r = inputs(seed=4, dtype=torch.bfloat16)
+    h, w = leaves(hidden, weight)
+    with Allocations() as spy:
+        linear_dpo_loss(h, w, labels, ref_c, ref_r, chunk_bytes=4 * V * 2, lean=lean).loss.backward()
+    assert (V * H in spy.fp32_sizes) != lean
