@@ -8,7 +8,9 @@ import torch
 
 OPS = ("sequence_logps_fwd", "sequence_logps", "dpo_loss", "linear_dpo_loss")
 IMPLS = ("naive", "naive_compiled", "trl", "liger", "fastdpo")
-IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": ("naive", "naive_compiled", "fastdpo"),
+# dpo_loss peers: TRL's selective_log_softmax and Liger's cross-entropy for the log-probs, then the sigmoid loss
+# (neither computes TRL's metrics in that path; fastdpo and naive do).
+IMPLS_BY_OP = {"sequence_logps_fwd": IMPLS, "sequence_logps": IMPLS, "dpo_loss": IMPLS,
                "linear_dpo_loss": ("naive", "naive_compiled", "trl", "liger", "fastdpo")}
 # Left to --full on CPU: compiling the naive fused-linear op costs a minute a run (default mode stays < 10 min).
 SLOW_ON_CPU = {("linear_dpo_loss", "naive_compiled")}
@@ -52,6 +54,16 @@ def _trl_logps(logits, labels):
     lab = labels[:, 1:]
     tok = selective_log_softmax(logits[:, :-1], torch.where(lab == -100, 0, lab))
     return _masked_sum(tok, labels)
+
+
+def _liger_logps(logits, labels):
+    """Per-token log-probs = -cross-entropy with reduction="none" (Liger's Triton kernel), summed."""
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    N, T, V = logits.shape
+    lab = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    nll = liger_cross_entropy(logits.reshape(-1, V), lab.reshape(-1), reduction="none", ignore_index=-100)
+    return -nll.view(N, T).float().sum(-1)
 
 
 def _naive_dpo(logits, labels, ref_c, ref_r, beta=0.1):
@@ -121,8 +133,10 @@ def build_linear(case):
     elif impl == "fastdpo":
         from fastdpo.linear import linear_dpo_loss
 
+        lean = case.get("variant") == "lean"
+
         def fn(h, w):
-            return linear_dpo_loss(h, w, labels, ref_c, ref_r, beta=0.1).loss
+            return linear_dpo_loss(h, w, labels, ref_c, ref_r, beta=0.1, lean=lean).loss
     else:
         raise ValueError(f"no {impl!r} implementation of linear_dpo_loss")
     h_leaf = hidden.requires_grad_(True)
@@ -145,6 +159,12 @@ def build(case):
         if impl in ("naive", "naive_compiled"):
             def fn(x):
                 return _naive_dpo(x, labels, ref_c, ref_r)[0]
+        elif impl == "trl":
+            def fn(x):
+                return _sigmoid_dpo(_trl_logps(x, labels), ref_c, ref_r)
+        elif impl == "liger":
+            def fn(x):
+                return _sigmoid_dpo(_liger_logps(x, labels), ref_c, ref_r)
         elif impl == "fastdpo":
             import fastdpo
 
@@ -159,14 +179,9 @@ def build(case):
 
         def fn(x):
             return naive_sequence_logps(x, labels)[0]
-    elif impl == "liger":  # per-token log-probs = -cross-entropy with reduction="none" (Liger's Triton kernel)
-        from liger_kernel.transformers.functional import liger_cross_entropy
-
+    elif impl == "liger":
         def fn(x):
-            N, T, V = x.shape
-            lab = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            nll = liger_cross_entropy(x.reshape(-1, V), lab.reshape(-1), reduction="none", ignore_index=-100)
-            return -nll.view(N, T).float().sum(-1)
+            return _liger_logps(x, labels)
     elif impl == "trl":
         def fn(x):
             return _trl_logps(x, labels)
@@ -273,4 +288,6 @@ def default_cases(device: str, mode: str):
             for impl in IMPLS_BY_OP["linear_dpo_loss"]:
                 if not (device == "cpu" and mode != "full" and ("linear_dpo_loss", impl) in SLOW_ON_CPU):
                     add("linear_dpo_loss", impl, N, T, V, dtype)
+            if device != "cpu" or mode == "full":  # the memory-lean setting (a minute more on CPU: --full)
+                add("linear_dpo_loss", "fastdpo", N, T, V, dtype, "lean")
     return cases

@@ -69,10 +69,10 @@ def measure(case, repeats: int, warmup: int) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(times)
     extra = {}
-    if cuda:
-        peak = C.peak_gbps(torch.cuda.get_device_name())
-        if peak and C.bytes_moved(case):
-            extra["percent_of_peak_bw"] = 100 * C.bytes_moved(case) / (med * 1e-3) / 1e9 / peak
+    if cuda:  # (the bandwidth has a name of its own: it once overwrote the measured peak memory)
+        sheet_gbps = C.peak_gbps(torch.cuda.get_device_name())
+        if sheet_gbps and C.bytes_moved(case):
+            extra["percent_of_peak_bw"] = 100 * C.bytes_moved(case) / (med * 1e-3) / 1e9 / sheet_gbps
     return {**extra, **case, "median_ms": med, "min_ms": min(times), "repeats": repeats, "peak_mem_bytes": int(peak),
             "bytes_moved": C.bytes_moved(case), "achieved_gbps": C.bytes_moved(case) / (med * 1e-3) / 1e9,
             "flops": C.flops(case), "achieved_tflops": C.flops(case) / (med * 1e-3) / 1e12}
