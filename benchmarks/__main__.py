@@ -155,6 +155,20 @@ def plot(results, path_prefix: str) -> list:
     return paths
 
 
+def select(cases, only) -> list:
+    """The cases matching every ``KEY=V1,V2`` filter (KEY one of op, impl, variant, shape, dtype)."""
+    keys = {"op", "impl", "variant", "shape", "dtype"}
+    for f in only:
+        key, _, values = f.partition("=")
+        if key not in keys or not values:
+            raise SystemExit(f"--only takes KEY=V1,V2 with KEY one of {sorted(keys)}, got {f!r}")
+        wanted = set(values.split(","))
+        cases = [c for c in cases if (f"{c['N']}x{c['T']}x{c['V']}" if key == "shape" else c[key]) in wanted]
+    if not cases:
+        raise SystemExit(f"no case of this mode matches --only {' '.join(only)}")
+    return cases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="fastdpo benchmark suite")
     mode = p.add_mutually_exclusive_group()
@@ -165,6 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--timeout", type=int, default=600, help="seconds per case")
     p.add_argument("--replot", metavar="JSON", help="redraw the plots and table of a results file; run nothing")
+    p.add_argument("--only", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="keep the mode's cases whose op, impl, variant, shape (NxTxV) or dtype is one of the values, "
+                        "e.g. --only op=dpo_loss impl=fastdpo,trl shape=16x512x32000")
     a = p.parse_args(argv)
     if a.replot:
         with open(a.replot) as f:
@@ -179,7 +196,7 @@ def main(argv=None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mode_name = "quick" if a.quick else "full" if a.full else "default"
     repeats = a.repeats or (20 if device == "cuda" else 2)
-    cases = C.default_cases(device, mode_name)
+    cases = select(C.default_cases(device, mode_name), a.only)
     date = datetime.date.today().isoformat()
     out = a.out or os.path.join(HERE, "results", f"{device}-{date}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

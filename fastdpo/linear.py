@@ -1,9 +1,11 @@
 """Fused linear: per-sequence log-probs and the DPO loss from hidden states and the LM head, never building
 the logits of more than one chunk of tokens.
 
-Only completion tokens go through the LM head: prompt and padding rows cost no GEMM (a host sync per call
-counts them, and the pair grouping reads the per-pair counts). Each chunk of rows: logits = transform(h @ W.T + b) -> the log-prob kernel (log-sum-exp,
-target, per-token stats) -> later, the fused backward kernel turns the same buffer into dlogits in place.
+Only completion tokens go through the LM head: prompt and padding rows cost no GEMM (one host sync per call
+reads each sequence's count of them; the pair grouping uses the same counts). Each chunk of rows:
+logits = transform(h @ W.T + b) -> the log-prob kernel (log-sum-exp, target, per-token stats) -> later, the
+fused backward kernel turns the same buffer into dlogits in place. ``lean``: the backward in vocabulary tiles
+instead (``_vocab_tiled_backward``).
 
 GEMM count, in M x H x V GEMM-equivalents (M completion tokens):
 - ``linear_sequence_logps``: 1 forward; 3 backward (recompute the chunk's logits, grad hidden, grad weight):
@@ -212,15 +214,23 @@ def _vocab_tiled_backward(head: _Head, idx, targets, lse, coef, grads, tile_byte
 
 
 def _completion_rows(labels, ignore_index, shift, pair_major: bool):
-    """Flat row indices (M,) of the rows that score a completion token, their targets (M,), and the
-    (N, T) validity of rows. ``pair_major``: ordered pair by pair (chosen i, then rejected i)."""
+    """Flat row indices (M,) of the rows that score a completion token, their targets (M,), the (N, T) validity
+    of rows, and each sequence's row count as Python ints (N,): reading those counts is the one host
+    synchronisation of a call (the rows then come out of ``nonzero_static`` with a known size).
+    ``pair_major``: ordered pair by pair (chosen i, then rejected i)."""
     rlab, valid = _ops.row_labels(labels, ignore_index, shift)
     N, T = labels.shape
+    per_seq = valid.sum(1).tolist()  # the host sync
     order = torch.arange(N * T, device=labels.device)
     if pair_major:
         order = order.view(2, N // 2, T).transpose(0, 1).reshape(-1)
-    idx = order[valid.reshape(-1)[order]]  # boolean indexing: the one host sync of a call
-    return idx, rlab.reshape(-1)[idx], valid
+    mask = valid.reshape(-1)[order]
+    try:
+        picked = torch.nonzero_static(mask, size=sum(per_seq)).squeeze(1)
+    except RuntimeError:  # a torch without nonzero_static on this device: boolean indexing syncs once more
+        picked = mask.nonzero().squeeze(1)
+    idx = order[picked]
+    return idx, rlab.reshape(-1)[idx], valid, per_seq
 
 
 class LinearSequenceLogpsFunction(torch.autograd.Function):
@@ -234,7 +244,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         _check_linear(hidden, weight, labels, bias, ignore_index)
         N, T, _ = hidden.shape
         head = _Head(hidden, weight, bias, opts, chunk_bytes)
-        idx, targets, valid = _completion_rows(labels, ignore_index, shift, pair_major=False)
+        idx, targets, valid, _ = _completion_rows(labels, ignore_index, shift, pair_major=False)
         cdt = torch.float64 if head.cdt == torch.float64 else torch.float32
         row_logps = torch.zeros(N * T, dtype=cdt, device=hidden.device)
         lse = torch.zeros(idx.numel(), dtype=cdt, device=hidden.device)
@@ -346,7 +356,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
             ref_r = _reference(ref_rejected_logps, "ref_rejected_logps", B, like, cdt)
         p = _head.params(config)
 
-        idx, targets, valid_rows = _completion_rows(labels, ignore_index, shift, pair_major=True)
+        idx, targets, valid_rows, per_seq = _completion_rows(labels, ignore_index, shift, pair_major=True)
         valid_pos = _ops.rows_to_positions(valid_rows, shift)
         num_tokens = valid_pos.sum(1)
         token_w = None
@@ -399,7 +409,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
         def backward_chunk(sl, h, z, coef):
             head.accumulate(idx[sl], h, head.backward_rows(z, targets[sl], lse[sl], coef), grads)
 
-        rows_per_pair = valid_rows.view(2, B, T).sum((0, 2)).tolist()
+        rows_per_pair = [per_seq[b] + per_seq[B + b] for b in range(B)]
         grouped = (want_grad and not lean and pair_local(config)
                    and max(rows_per_pair, default=0) <= head.chunk_rows)
         losses = []

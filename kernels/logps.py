@@ -57,7 +57,9 @@ MAX_BLOCK_V = 8192
 # With the statistics, five values per logit live at once: half the block keeps registers (~100) low enough
 # for two programs per SM (measured with the AOT check).
 MAX_BLOCK_V_STATS = 4096
-MIN_BLOCK_V = 256
+# 256-wide tiles (8 rows) need a shared-memory exchange for the per-lane sums (6-7 barriers per block, AOT
+# check): vocabularies under 512 (toys, tests) take a 4 x 512 tile and mask the rest.
+MIN_BLOCK_V = 512
 # Small vocabularies share a program between rows, up to this many elements: every element of a 2-D tile
 # carries its own 64-bit address, and 8192 of them spill registers (measured with the AOT check).
 MAX_TILE_2D = 2048
@@ -69,7 +71,9 @@ def tile_config(vocab_size: int, with_stats: bool = False) -> dict:
     cap = MAX_BLOCK_V_STATS if with_stats else MAX_BLOCK_V
     block_v = min(max(triton.next_power_of_2(vocab_size), MIN_BLOCK_V), cap)
     block_t = max(1, MAX_TILE_2D // block_v)
-    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8 if block_t * block_v >= 4096 else 4}
+    # 2-D tiles take 8 warps: at 4, Triton 3.6 and 3.7 spill 8 bytes of some fp32 forwards (AOT check)
+    num_warps = 8 if block_t * block_v >= 4096 or block_t > 1 else 4
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": num_warps}
 
 
 def all_tile_configs(with_stats: bool = False) -> list:

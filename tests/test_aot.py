@@ -25,4 +25,7 @@ def test_aot_compiles_without_spills():
             # the vocabulary loop reduces one row maximum per block (two barriers, three on Triton 3.6); the
             # sums stay per lane until after the loop. The statistics once cost 12 barriers per block.
             assert int(r[i + 6]) <= 3, f"block-wide reductions in the loop: {' '.join(r)}"
-            assert float(r[i + 4]) < 24, f"a heavy loop body: {' '.join(r)}"
+            # one row per program (real vocabularies): the statistics once cost 23 instructions per logit there;
+            # small vocabularies' 2-D tiles carry an address per element
+            limit = 22 if "BLOCK_T=1 " in " ".join(r) else 26
+            assert float(r[i + 4]) < limit, f"a heavy loop body: {' '.join(r)}"
