@@ -1,6 +1,6 @@
 """fastdpo's benchmark suite: every op, every implementation, time and peak extra memory.
 
-    python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out FILE.json]
+    python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out FILE.json] [--only KEY=V1,V2 ...]
 
 Each case runs in a fresh process (``benchmarks.runner``). Prints a table as cases finish, writes the JSON
 (default ``benchmarks/results/<device>-<date>.json``) and PNG plots beside it.

@@ -1,9 +1,14 @@
 """Tests run the Triton kernels on CPU through Triton's interpreter, which is read when ``@triton.jit``
-runs: these variables must be set before anything imports fastdpo."""
+runs: these variables must be set before anything imports fastdpo.
+
+``FASTDPO_TEST_LANE=cuda`` is the GPU lane (``tests/test_gpu_lane.py``): the kernels compiled for the GPU, so
+the interpreter stays off, and only that file is collected."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+GPU_LANE = os.environ.get("FASTDPO_TEST_LANE", "") == "cuda"
+if not GPU_LANE:
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 for _v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_v] = "1"
@@ -36,5 +41,8 @@ def _legacy_trl() -> bool:
 # transformers 5): it runs in its own venv (tests/trl0/run.sh, a CI step of its own) and only there.
 if _legacy_trl():
     collect_ignore = [str(p) for p in pathlib.Path(__file__).parent.glob("test_*.py")]
+elif GPU_LANE:
+    collect_ignore = ["trl0"] + [str(p) for p in pathlib.Path(__file__).parent.glob("test_*.py")
+                                 if p.name != "test_gpu_lane.py"]
 else:
     collect_ignore = ["trl0"]

@@ -65,22 +65,24 @@ def reference(logits, labels, ref_c, ref_r, cfg: DPOLossConfig):
     return loss.detach(), x.grad, logps[:B].detach(), logps[B:].detach()
 
 
-def check(logits, labels, ref_c, ref_r, **options):
+def check(logits, labels, ref_c, ref_r, device=None, **options):
     cfg = DPOLossConfig(**options)
-    x = logits.clone().requires_grad_(True)
-    out = fastdpo.dpo_loss(x, labels, ref_c, ref_r, config=cfg)
+    dev = logits.device if device is None else device  # the GPU lane runs fastdpo on device copies
+    x = logits.to(dev).clone().requires_grad_(True)
+    refs = (None, None) if ref_c is None else (ref_c.to(dev), ref_r.to(dev))
+    out = fastdpo.dpo_loss(x, labels.to(dev), *refs, config=cfg)
     out.loss.backward()
     ref_loss, ref_grad, ref_chosen, ref_rejected = reference(logits, labels, ref_c, ref_r, cfg)
     T = labels.shape[1]
     seq_tol = logp_tol(logits) * T
-    torch.testing.assert_close(out.chosen_logps.double(), ref_chosen, rtol=0, atol=seq_tol)
-    torch.testing.assert_close(out.rejected_logps.double(), ref_rejected, rtol=0, atol=seq_tol)
+    torch.testing.assert_close(out.chosen_logps.double().cpu(), ref_chosen, rtol=0, atol=seq_tol)
+    torch.testing.assert_close(out.rejected_logps.double().cpu(), ref_rejected, rtol=0, atol=seq_tol)
     # the loss moves by at most |dL/dlogp| * seq_tol per sequence, plus fp32 rounding of the loss itself
     dl = ref_grad.abs().sum((1, 2)).max().item()
-    torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=dl * seq_tol + 1e-6)
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=dl * seq_tol + 1e-6)
     gmax = ref_grad.abs().max().item()
     # fp32 coefficients (rtol 1e-4 covers their exp/log chains), then one rounding to the logits' dtype
-    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=max(1e-4, store_rtol(logits.dtype)),
+    torch.testing.assert_close(x.grad.double().cpu(), ref_grad, rtol=max(1e-4, store_rtol(logits.dtype)),
                                atol=1e-6 * max(gmax, 1e-3) + store_atol(logits.dtype))
     return out, x.grad
 

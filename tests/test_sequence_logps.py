@@ -33,24 +33,27 @@ def make_batch(N, T, V, dtype, mask="random", scale=3.0, seed=0):
     return logits, labels
 
 
-def check(logits, labels, *, shift=True, average=False, seed=1, **kw):
-    """Forward and backward (through both outputs) against the float64 reference."""
+def check(logits, labels, *, shift=True, average=False, seed=1, device=None, **kw):
+    """Forward and backward (through both outputs) against the float64 reference. ``device``: fastdpo runs on
+    copies there (the GPU lane); ``logits`` may be a strided view (read in place when no device is given)."""
     N, T, V = logits.shape
     g = torch.Generator().manual_seed(seed)
     grad_seq, grad_tok = torch.randn(N, generator=g), torch.randn(N, T, generator=g)
-    x = logits.detach().clone().requires_grad_(True)
-    out = fastdpo.sequence_logps(x, labels, shift=shift, average=average, return_token_logps=True, **kw)
-    ref_logps, ref_tok, ref_num, ref_grad = reference(logits, labels, shift=shift, average=average,
+    dev = logits.device if device is None else device
+    x = logits.detach().to(dev).clone().requires_grad_(True) if device is not None else \
+        logits.detach().clone().requires_grad_(True)
+    out = fastdpo.sequence_logps(x, labels.to(dev), shift=shift, average=average, return_token_logps=True, **kw)
+    ref_logps, ref_tok, ref_num, ref_grad = reference(logits.cpu(), labels.cpu(), shift=shift, average=average,
                                                       grad_seq=grad_seq, grad_tok=grad_tok)
     assert out.logps.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    assert torch.equal(out.num_tokens, ref_num)
+    assert torch.equal(out.num_tokens.cpu(), ref_num)
     tol = logp_tol(logits)
-    torch.testing.assert_close(out.token_logps.double(), ref_tok, rtol=0, atol=tol)
-    torch.testing.assert_close(out.logps.double(), ref_logps, rtol=0, atol=tol * max(T, 1))
+    torch.testing.assert_close(out.token_logps.double().cpu(), ref_tok, rtol=0, atol=tol)
+    torch.testing.assert_close(out.logps.double().cpu(), ref_logps, rtol=0, atol=tol * max(T, 1))
     ((out.logps * grad_seq.to(out.logps)).sum() + (out.token_logps * grad_tok.to(out.logps)).sum()).backward()
     coef_max = (grad_seq.abs().max() + grad_tok.abs().max()).item() if N * T else 0.0
     assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
-    assert_grad_close(x.grad, ref_grad, logits, coef_max)
+    assert_grad_close(x.grad.cpu(), ref_grad, logits.cpu(), coef_max)
     return out, x.grad
 
 

@@ -1,0 +1,210 @@
+"""The GPU lane: the kernels compiled for the GPU, held to the same float64 oracles as everywhere, with the GPU's
+rounding (bf16 rounds to nearest there), and what only a GPU shows: no synchronising call, CUDA-graph capture,
+offsets past 2^32 elements in real memory.
+
+    FASTDPO_TEST_LANE=cuda python -m pytest tests/test_gpu_lane.py      # on a CUDA machine
+
+The lane needs a process without Triton's interpreter, which ``tests/conftest.py`` turns on for every other
+run: with ``FASTDPO_TEST_LANE=cuda`` it leaves it off and collects this file alone. In the ordinary run (CPU, CI)
+the same checks run on the kernels through the interpreter ("interpreted", at small sizes), so the lane's own
+code runs everywhere, and the CUDA cases are collected and reported as skipped with the reason.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastdpo
+from helpers import logp_tol
+from test_dpo_loss import SMOOTHED, make_pairs
+from test_dpo_loss import check as check_dpo
+from test_sequence_logps import check as check_logps
+from test_sequence_logps import make_batch
+
+LANE = os.environ.get("FASTDPO_TEST_LANE", "")
+ON_CUDA = LANE == "cuda" and torch.cuda.is_available()
+WHY = ("the GPU lane: run FASTDPO_TEST_LANE=cuda python -m pytest tests/test_gpu_lane.py on a CUDA machine"
+       if not ON_CUDA else "")
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason=WHY or "-")
+
+
+def interpreted(*values):
+    return pytest.param("interpreted", *values, marks=pytest.mark.skipif(LANE == "cuda", reason="the CPU run's lane"))
+
+
+def cuda(*values):
+    return pytest.param("cuda", *values, marks=cuda_only)
+
+
+LANES = [interpreted(), cuda()]
+
+
+@pytest.fixture
+def on(request, monkeypatch):
+    """The device the lane runs fastdpo on: CUDA (compiled kernels), or CPU through the interpreted kernels."""
+    if request.param == "interpreted":
+        monkeypatch.setenv("FASTDPO_BACKEND", "triton")
+        return torch.device("cpu")
+    monkeypatch.setenv("FASTDPO_BACKEND", "auto")
+    return torch.device("cuda")
+
+
+SMALL_V = [1, 7, 1000]
+LARGE_V = [32000, 128256, 151936, 300007]  # real vocabularies, and one past any block size (CUDA only)
+
+
+@pytest.mark.parametrize("on,V", [interpreted(v) for v in SMALL_V] + [cuda(v) for v in SMALL_V + LARGE_V],
+                         indirect=["on"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shift", [True, False])
+def test_sequence_logps(on, V, dtype, shift):
+    N, T = (3, 7) if V <= 1000 else (2, 5)
+    check_logps(*make_batch(N, T, V, dtype, mask="random"), shift=shift, device=on)
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+def test_sequence_logps_strided_views(on):
+    """``logits[:, :-1]`` with ``labels[:, 1:]`` read in place, and a vocabulary stride of 2, on the device."""
+    logits, labels = make_batch(3, 9, 1000, torch.float32, mask="random")
+    x = logits.to(on).requires_grad_(True)
+    out = fastdpo.sequence_logps(x[:, :-1], labels.to(on)[:, 1:], shift=False)
+    out.logps.sum().backward()
+    ref = fastdpo.naive.naive_sequence_logps(logits[:, :-1].double(), labels[:, 1:], shift=False,
+                                             dtype=torch.float64)[0]
+    torch.testing.assert_close(out.logps.double().cpu(), ref, rtol=0, atol=logp_tol(logits) * 9)
+    assert (x.grad[:, -1] == 0).all()
+    wide = torch.zeros(3, 9, 2000, device=on)
+    wide[..., ::2] = logits.to(on)
+    strided = fastdpo.sequence_logps(wide[..., ::2], labels.to(on)).logps
+    plain = fastdpo.sequence_logps(logits.to(on), labels.to(on)).logps
+    assert torch.equal(strided, plain)
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("loss_type", fastdpo.LOSS_TYPES)
+def test_dpo_loss_every_loss_type(on, loss_type):
+    check_dpo(*make_pairs(), device=on, loss_type=loss_type, label_smoothing=SMOOTHED.get(loss_type, 0.0))
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("options", [dict(loss_type=["sigmoid", "sft"], use_weighting=True),
+                                     dict(loss_type="sigmoid", ld_alpha=0.5), dict(loss_type="ipo", nll_alpha=0.2)])
+def test_dpo_loss_wpo_ld_nll(on, options):
+    check_dpo(*make_pairs(seed=3), device=on, **options)
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dpo_loss_half_precision(on, dtype):
+    logits, labels, ref_c, ref_r = make_pairs(seed=4, V=2000)
+    check_dpo(logits.to(dtype), labels, ref_c, ref_r, device=on)
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("lean", [False, True])
+def test_linear_dpo_loss_equals_logits_path(on, lean):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 10, 16, 300
+    hidden = torch.randn(2 * B, T, H, generator=g).to(on).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / 2).to(on).requires_grad_(True)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :3] = -100
+    labels = labels.to(on)
+    ref_c, ref_r = (-40 + torch.randn(B, generator=g)).to(on), (-40 + torch.randn(B, generator=g)).to(on)
+    out = fastdpo.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, chunk_bytes=4 * V * 4, lean=lean)
+    gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
+    ref = fastdpo.dpo_loss(hidden @ weight.t(), labels, ref_c, ref_r)
+    rh, rw = torch.autograd.grad(ref.loss, (hidden, weight))
+    for a, b in ((out.loss, ref.loss), (gh, rh), (gw, rw)):  # fp32 through other GEMM groupings
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+def test_nan_isolation_and_determinism(on):
+    """A NaN logit in one sequence's completion makes that sequence's outputs and gradient row NaN and leaves the
+    others exact; two runs give the same bits."""
+    logits, labels = make_batch(4, 8, 1000, torch.float32, mask="none")
+    logits[1, 3, 17] = float("nan")
+    runs = []
+    for _ in range(2):
+        x = logits.to(on).requires_grad_(True)
+        out = fastdpo.sequence_logps(x, labels.to(on))
+        out.logps.sum().backward()
+        runs.append((out.logps.cpu(), x.grad.cpu()))
+    (lp, grad), (lp2, grad2) = runs
+    assert torch.equal(lp.nan_to_num(7.0), lp2.nan_to_num(7.0)) and torch.equal(grad.nan_to_num(7.0),
+                                                                                 grad2.nan_to_num(7.0))
+    assert torch.isnan(lp[1]) and torch.isfinite(lp[[0, 2, 3]]).all()
+    assert torch.isnan(grad[1, 3]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
+    clean = fastdpo.sequence_logps(logits[[0, 2, 3]].to(on), labels[[0, 2, 3]].to(on)).logps.cpu()
+    assert torch.equal(lp[[0, 2, 3]], clean)
+
+
+@cuda_only
+def test_offsets_past_2_32_elements():
+    """Rows whose logits start past 2^32 elements (8.6 GB of bf16, in real memory): forward and backward read
+    and write them at their true offsets."""
+    T, V = 33600, 128256  # 4.31e9 elements
+    logits = torch.empty(1, T, V, dtype=torch.bfloat16, device="cuda")
+    tail = torch.randn(1, 4, V, dtype=torch.float32).to(torch.bfloat16)
+    logits[:, -4:] = tail.cuda()
+    labels = torch.full((1, T), -100, dtype=torch.long)
+    labels[0, -3:] = torch.randint(0, V, (3,))
+    logits.requires_grad_(True)
+    out = fastdpo.sequence_logps(logits, labels.cuda())  # only rows T-4 .. T-2 are read
+    out.logps.sum().backward()
+    ref = fastdpo.naive.naive_sequence_logps(tail.double(), labels[:, -4:], dtype=torch.float64)[0]
+    torch.testing.assert_close(out.logps.double().cpu(), ref, rtol=0, atol=logp_tol(tail) * 4)
+    g = logits.grad[0, -4:-1].float()
+    assert torch.isfinite(g).all() and (g.sum(-1).abs() < 1e-2).all()  # each row's gradient sums to ~0
+    assert (logits.grad[0, -1] == 0).all() and (logits.grad[0, : T - 4].count_nonzero() == 0)
+
+
+def _pairs_on_cuda(dtype=torch.bfloat16):
+    logits, labels, ref_c, ref_r = make_pairs(B=4, T=64, V=32000)
+    return logits.to("cuda", dtype).requires_grad_(True), labels.cuda(), ref_c.cuda(), ref_r.cuda()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_no_synchronising_call(dtype):
+    """dpo_loss and sequence_logps, forward and backward, never block the host on the device."""
+    logits, labels, ref_c, ref_r = _pairs_on_cuda(dtype)
+    fastdpo.dpo_loss(logits, labels, ref_c, ref_r).loss.backward()  # compile outside the checked region
+    fastdpo.sequence_logps(logits, labels).logps.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastdpo.dpo_loss(logits, labels, ref_c, ref_r).loss.backward()
+        fastdpo.sequence_logps(logits, labels).logps.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_dpo_step_captured_in_a_cuda_graph():
+    """A dpo_loss forward + backward replays from a CUDA graph with the eager results."""
+    logits, labels, ref_c, ref_r = _pairs_on_cuda()
+
+    def step():
+        logits.grad = None
+        out = fastdpo.dpo_loss(logits, labels, ref_c, ref_r)
+        out.loss.backward()
+        return out.loss, out.metrics["rewards/margins"], logits.grad
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = [t.clone() for t in step()]
+    graph = torch.cuda.CUDAGraph()
+    logits.grad = None
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
