@@ -77,6 +77,34 @@ def add_ratios(results):
             r["mem_ratio_vs_naive"] = r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1)
 
 
+def measure_ceilings(device: str) -> dict:
+    """The device's copy bandwidth and GEMM rate (``benchmarks.ceilings``), in a process of its own so that
+    its buffers stay out of the cases' memory. {} if it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ceilings", "--device", device], capture_output=True,
+                          text=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+
+
+def add_ceiling_shares(r, ceilings: dict) -> None:
+    """Percent of the measured ceiling: bandwidth for the logits ops (their byte model), GEMM rate for the
+    fused-linear op (its 3-GEMM FLOP count)."""
+    if "median_ms" not in r or not ceilings:
+        return
+    if r.get("bytes_moved"):
+        r["percent_of_measured_bw"] = 100 * r["achieved_gbps"] / ceilings["copy_gbps"]
+    if r.get("flops"):
+        r["percent_of_measured_gemm"] = 100 * r["achieved_tflops"] / ceilings["gemm_tflops"]
+
+
+def _ceiling_share(r) -> str:
+    if "percent_of_measured_bw" in r:
+        return f"{r['percent_of_measured_bw']:.0f}% bw"
+    if "percent_of_measured_gemm" in r:
+        return f"{r['percent_of_measured_gemm']:.0f}% GEMM"
+    return ""
+
+
 def fmt_row(r) -> str:
     name = r["impl"] + (f"[{r['variant']}]" if r.get("variant") else "")
     shape = f"{r['N']}x{r['T']}x{r['V']}"
@@ -87,25 +115,32 @@ def fmt_row(r) -> str:
     if "speedup_vs_naive" in r:
         extra = f" {r['speedup_vs_naive']:>6.2f}x {r['mem_ratio_vs_naive']:>6.2f}x"
     return (f"{head} {r['median_ms']:>10.1f} {r['peak_mem_bytes'] / 2**20:>10.0f} "
-            f"{r['achieved_gbps']:>7.1f}{extra}")
+            f"{r['achieved_gbps']:>7.1f}{extra} {_ceiling_share(r):>9}")
 
 
 HEADER = (f"{'op':<19} {'shape NxTxV':<16} {'dtype':<9} {'impl':<26} {'median ms':>10} {'peak MiB':>10} "
-          f"{'GB/s':>7} {'speedup':>7} {'mem':>7}")
+          f"{'GB/s':>7} {'speedup':>7} {'mem':>7} {'ceiling':>9}")
 
 
 def _write_markdown(path: str, doc) -> None:
     v = doc["versions"]
     with open(path, "w") as f:
         f.write(f"Measured {doc['date']} on {doc['device']} ({doc['mode']} mode); torch {v['torch']}, triton "
-                f"{v['triton']}, trl {v['trl']}, liger-kernel {v['liger_kernel']}.\n\n")
+                f"{v['triton']}, trl {v['trl']}, liger-kernel {v['liger_kernel']}.")
+        c = doc.get("ceilings")
+        if c:
+            f.write(f" Measured ceilings: copy {c['copy_gbps']:.0f} GB/s (read + write), GEMM "
+                    f"{c['gemm_tflops']:.2f} TFLOP/s ({c['gemm']}).")
+        f.write("\n\n")
         f.write(markdown_table(doc["results"]) + "\n")
 
 
 def markdown_table(results) -> str:
     """The results as a markdown table (README carries the latest CPU one)."""
-    lines = ["| op | shape (N x T x V) | dtype | impl | median ms | peak extra MiB | speed-up vs naive | memory vs naive |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    shares = any(_ceiling_share(r) for r in results)
+    lines = ["| op | shape (N x T x V) | dtype | impl | median ms | peak extra MiB | speed-up vs naive | memory vs naive |"
+             + (" of measured ceiling |" if shares else ""),
+             "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if shares else "")]
     for r in results:
         name = r["impl"] + (f" ({r['variant']})" if r.get("variant") else "")
         head = f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} |"
@@ -114,7 +149,8 @@ def markdown_table(results) -> str:
             continue
         ratios = (f" {r['speedup_vs_naive']:.2f}x | {r['mem_ratio_vs_naive']:.2f}x |"
                   if "speedup_vs_naive" in r else " | |")
-        lines.append(f"{head} {r['median_ms']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} |{ratios}")
+        lines.append(f"{head} {r['median_ms']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} |{ratios}"
+                     + (f" {_ceiling_share(r)} |" if shares else ""))
     return "\n".join(lines)
 
 
@@ -202,16 +238,22 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     dev = describe_device(device)
     print(f"fastdpo benchmarks: {len(cases)} cases, mode {mode_name}, on {dev}", flush=True)
+    ceilings = measure_ceilings(device)
+    if ceilings:
+        print(f"measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), GEMM "
+              f"{ceilings['gemm_tflops']:.2f} TFLOP/s ({ceilings['gemm']})", flush=True)
     print(HEADER, flush=True)
     results = []
     for i, case in enumerate(cases, 1):
         r = run_case(case, repeats, a.timeout)
         r["shape"] = f"{case['N']}x{case['T']}x{case['V']}" + (f" (H={C.LINEAR_H})" if case["op"] == "linear_dpo_loss"
                                                                 else "")
+        add_ceiling_shares(r, ceilings)
         results.append(r)
         add_ratios(results)
         print(f"{fmt_row(r)}   [{i}/{len(cases)}]", flush=True)
     doc = {"device": dev, "device_type": device, "mode": mode_name, "versions": versions(), "date": date,
+           "ceilings": ceilings,
            "byte_model": "forward: logits bytes; forward+backward: 3x logits bytes (read, read, write grad)",
            "results": results}
     with open(out, "w") as f:

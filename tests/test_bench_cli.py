@@ -21,3 +21,21 @@ def test_dpo_loss_has_its_peers_and_linear_its_lean_variant():
     cases = C.default_cases("cuda", "default")
     assert {c["impl"] for c in cases if c["op"] == "dpo_loss"} == {"naive", "naive_compiled", "trl", "liger", "fastdpo"}
     assert any(c["op"] == "linear_dpo_loss" and c["variant"] == "lean" for c in cases)
+
+
+def test_rows_report_their_share_of_the_measured_ceilings():
+    from benchmarks.__main__ import add_ceiling_shares, markdown_table
+
+    ceilings = {"copy_gbps": 3000.0, "gemm_tflops": 700.0, "gemm": "8192^3 bfloat16", "copy_bytes": 1 << 30}
+    logits_row = {"op": "dpo_loss", "impl": "fastdpo", "shape": "8x2048x128256", "dtype": "bfloat16",
+                  "median_ms": 4.6, "peak_mem_bytes": 0, "bytes_moved": 12.6e9, "achieved_gbps": 2739.0,
+                  "flops": 0, "achieved_tflops": 0.0}
+    linear_row = {"op": "linear_dpo_loss", "impl": "fastdpo", "shape": "8x2048x128256 (H=4096)",
+                  "dtype": "bfloat16", "median_ms": 74.0, "peak_mem_bytes": 0, "bytes_moved": 0,
+                  "achieved_gbps": 0.0, "flops": 4.2e13, "achieved_tflops": 567.0}
+    for r in (logits_row, linear_row):
+        add_ceiling_shares(r, ceilings)
+    assert round(logits_row["percent_of_measured_bw"]) == 91 and "percent_of_measured_gemm" not in logits_row
+    assert round(linear_row["percent_of_measured_gemm"]) == 81
+    table = markdown_table([logits_row, linear_row])
+    assert "of measured ceiling" in table and "91% bw" in table and "81% GEMM" in table
