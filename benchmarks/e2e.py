@@ -1,6 +1,6 @@
 """One DPO training step of a Llama-3.2-1B-shaped model, the loss computed six ways: time per step and peak memory.
 
-    python -m benchmarks.e2e [--device cpu|cuda] [--size 1b|tiny] [--repeats N] [--in-process] [--out FILE.json]
+    python -m benchmarks.e2e [--device cpu|cuda] [--size 1b|tiny] [--repeats N] [--trainer] [--in-process] [--out FILE.json]
 
 The step is what a trainer runs per micro-batch once the reference log-probs are stored: the policy forward,
 the loss, the backward (no optimizer step). The model has random weights (hidden 2048, 16 layers, 32 heads,
@@ -16,6 +16,11 @@ and the tests). The six ways:
 - ``liger_fused_linear``: hidden states through Liger's ``LigerFusedLinearDPOLoss`` (reference-free: Liger takes
   reference log-probs only through a reference model);
 - ``fastdpo_linear``: hidden states through ``fastdpo.linear_dpo_loss`` (every metric computed).
+
+With ``--trainer``, two more rows: TRL's ``DPOTrainer`` itself on the same model and batch shape (a dataset of
+random word sequences, an in-memory tokenizer, reference log-probs precomputed by TRL before training), a dozen
+optimizer steps as shipped (``trl_trainer``) and with ``fastdpo.integrations.trl.patch()`` (``trl_trainer_fastdpo``):
+the median step time (optimizer included) and peak memory.
 
 On the logits ways the model builds (2B, T, V) logits; on the hidden ways it never does. Each way runs in a
 fresh process (peak memory in isolation) unless ``--in-process``; the five ways with reference log-probs must
@@ -35,6 +40,8 @@ import time
 import torch
 
 WAYS = ("naive", "trl_logits", "fastdpo_logits", "trl_fused_head", "liger_fused_linear", "fastdpo_linear")
+TRAINER_WAYS = ("trl_trainer", "trl_trainer_fastdpo")
+TRAINER_STEPS = 12
 SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, pairs=4, tokens=2048),
@@ -46,7 +53,8 @@ BETA = 0.1
 
 def unavailable(way: str) -> str:
     module = {"trl_logits": "trl.trainer.utils", "trl_fused_head": "trl.trainer.utils",
-              "liger_fused_linear": "liger_kernel.chunked_loss"}.get(way)
+              "liger_fused_linear": "liger_kernel.chunked_loss", "trl_trainer": "trl",
+              "trl_trainer_fastdpo": "trl"}.get(way)
     if module:
         try:
             __import__(module)
@@ -147,10 +155,82 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def measure_trainer(way: str, size: str, device: str) -> dict:
+    """TRL's DPOTrainer, shipped or patched: median step time after two warm-up steps, peak memory of training."""
+    import copy
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+    if way == "trl_trainer_fastdpo":
+        import fastdpo.integrations.trl as fdt
+
+        fdt.patch()
+    model, input_ids, *_ = build(size, device)
+    pairs, tokens = input_ids.shape[0] // 2, input_ids.shape[1]
+    words = {f"w{i}": i + 4 for i in range(min(model.config.vocab_size - 4, 5000))}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_word_tokenizer(Tokenizer, models, pre_tokenizers, words), bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token="<unk>")
+    g = torch.Generator().manual_seed(0)
+    names = list(words)
+
+    def sentence(k):
+        return " ".join(names[int(i)] for i in torch.randint(0, len(names), (k,), generator=g))
+    n_rows = pairs * (TRAINER_STEPS + 2)
+    prompt, completion = tokens // 8, tokens - tokens // 8 - 2  # bos / eos
+    data = Dataset.from_dict({"prompt": [sentence(prompt) for _ in range(n_rows)],
+                              "chosen": [" " + sentence(completion) for _ in range(n_rows)],
+                              "rejected": [" " + sentence(completion) for _ in range(n_rows)]})
+    cuda = device == "cuda"
+    args = DPOConfig(output_dir="/tmp/fastdpo-e2e-trainer", per_device_train_batch_size=pairs,
+                     max_steps=TRAINER_STEPS + 2, learning_rate=1e-6, report_to="none", save_strategy="no",
+                     logging_steps=1, seed=0, use_cpu=not cuda, bf16=cuda, precompute_ref_log_probs=True,
+                     max_length=None)
+    times, sync = [], (torch.cuda.synchronize if cuda else (lambda: None))
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append((time.perf_counter() - self.t0) * 1e3)
+
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                         processing_class=tok, callbacks=[Clock()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    trainer.train()
+    peak = max(0, (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - before)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"way": way, "median_ms": statistics.median(times[2:]), "min_ms": min(times[2:]),
+            "repeats": len(times) - 2, "peak_mem_bytes": int(peak), "loss": float(losses[0])}
+
+
+def _word_tokenizer(Tokenizer, models, pre_tokenizers, words):
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **words}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
 def measure(way: str, size: str, device: str, repeats: int) -> dict:
     why = unavailable(way)
     if why:
         return {"way": way, "skipped": why}
+    if way in TRAINER_WAYS:
+        return measure_trainer(way, size, device)
     model, *batch = build(size, device)
     step = step_fn(way, model, *batch)
     cuda = device == "cuda"
@@ -169,7 +249,7 @@ def measure(way: str, size: str, device: str, repeats: int) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         loss = step()
-        peak = _rss("VmHWM") - before
+        peak = max(0, _rss("VmHWM") - before)  # RSS can shrink between the two reads: no growth
     times = []
     for _ in range(repeats):
         sync()
@@ -196,15 +276,17 @@ def run_way(way: str, size: str, device: str, repeats: int, in_process: bool) ->
 
 
 def check_losses(rows, device: str) -> None:
-    """The ways with reference log-probs compute the same loss: within fp32 rounding on CPU, bf16's on GPU."""
-    losses = {r["way"]: r["loss"] for r in rows if "loss" in r and r["way"] != "liger_fused_linear"}
-    if len(losses) < 2:
-        return
-    ref = losses.get("naive", next(iter(losses.values())))
+    """The ways with reference log-probs compute the same loss, and so do the two trainer rows: within fp32
+    rounding on CPU, bf16's on GPU."""
     tol = 2e-2 if device == "cuda" else 1e-4
-    bad = {w: v for w, v in losses.items() if abs(v - ref) > tol * max(1.0, abs(ref))}
-    if bad:
-        raise SystemExit(f"the ways disagree on the loss: naive {ref}, {bad}")
+    for group in (set(WAYS) - {"liger_fused_linear"}, set(TRAINER_WAYS)):
+        losses = {r["way"]: r["loss"] for r in rows if "loss" in r and r["way"] in group}
+        if len(losses) < 2:
+            continue
+        first, ref = next(iter(losses.items()))
+        bad = {w: v for w, v in losses.items() if abs(v - ref) > tol * max(1.0, abs(ref))}
+        if bad:
+            raise SystemExit(f"the ways disagree on the loss: {first} {ref}, {bad}")
 
 
 def main(argv=None) -> int:
@@ -214,7 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--in-process", action="store_true", help="every way in this process (memory not isolated)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--way", choices=WAYS, default=None, help=argparse.SUPPRESS)  # one way, for the subprocesses
+    p.add_argument("--trainer", action="store_true", help="also TRL's DPOTrainer, shipped and patched")
+    p.add_argument("--way", choices=WAYS + TRAINER_WAYS, default=None, help=argparse.SUPPRESS)  # for subprocesses
     a = p.parse_args(argv)
     size = a.size or ("1b" if a.device == "cuda" else "tiny")
     repeats = a.repeats or (10 if a.device == "cuda" else 3)
@@ -224,17 +307,17 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"one DPO step, Llama-3.2-1B-shaped model ({size}), {device_name}")
     rows = []
-    for way in WAYS:
+    for way in WAYS + (TRAINER_WAYS if a.trainer else ()):
         r = run_way(way, size, a.device, repeats, a.in_process)
         rows.append(r)
         print(json.dumps(r), flush=True)
     base = next((r for r in rows if r["way"] == "naive" and "median_ms" in r), None)
-    print(f"\n| way | ms / step | peak extra MiB | speed-up vs naive | loss |\n|---|---:|---:|---:|---:|")
+    print("\n| way | ms / step | peak extra MiB | speed-up vs naive | loss |\n|---|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
             print(f"| {r['way']} | skipped: {r['skipped']} | | | |")
             continue
-        sp = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "-"
+        sp = f"{base['median_ms'] / r['median_ms']:.2f}x" if base and r["way"] in WAYS else "-"
         print(f"| {r['way']} | {r['median_ms']:.1f} | {r['peak_mem_bytes'] / 2 ** 20:.0f} | {sp} | {r['loss']:.6g} |")
     if a.out:
         with open(a.out, "w") as f:

@@ -50,7 +50,7 @@ def measure(case, repeats: int, warmup: int) -> dict:
         before = _rss_bytes("VmRSS")
         _reset_peak_rss()
         out = run()
-        peak = _rss_bytes("VmHWM") - before
+        peak = max(0, _rss_bytes("VmHWM") - before)  # RSS can shrink between the two reads: no growth
     del out
     for _ in range(max(0, warmup - 1)):
         run()
