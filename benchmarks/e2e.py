@@ -39,6 +39,8 @@ import time
 
 import torch
 
+from benchmarks.runner import peak_extra_bytes
+
 WAYS = ("naive", "trl_logits", "fastdpo_logits", "trl_fused_head", "liger_fused_linear", "fastdpo_linear")
 TRAINER_WAYS = ("trl_trainer", "trl_trainer_fastdpo")
 TRAINER_STEPS = 12
@@ -150,11 +152,6 @@ def step_fn(way: str, model, input_ids, attention_mask, labels, ref_c, ref_r):
     return step
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def measure_trainer(way: str, size: str, device: str) -> dict:
     """TRL's DPOTrainer, shipped or patched: median step time after two warm-up steps, peak memory of training."""
     import copy
@@ -204,15 +201,7 @@ def measure_trainer(way: str, size: str, device: str) -> dict:
 
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
                          processing_class=tok, callbacks=[Clock()])
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    trainer.train()
-    peak = max(0, (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - before)
+    _, peak = peak_extra_bytes(trainer.train, cuda)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"way": way, "median_ms": statistics.median(times[2:]), "min_ms": min(times[2:]),
             "repeats": len(times) - 2, "peak_mem_bytes": int(peak), "loss": float(losses[0])}
@@ -238,18 +227,7 @@ def measure(way: str, size: str, device: str, repeats: int) -> dict:
     step()  # warm-up: compiles, allocator and gradient buffers
     sync()
     model.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        loss = step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        loss = step()
-        peak = max(0, _rss("VmHWM") - before)  # RSS can shrink between the two reads: no growth
+    loss, peak = peak_extra_bytes(step, cuda)
     times = []
     for _ in range(repeats):
         sync()

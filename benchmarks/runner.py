@@ -32,6 +32,23 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def peak_extra_bytes(fn, cuda: bool):
+    """Runs ``fn`` once: (its result, the memory it allocated at its peak beyond what was held before). CUDA:
+    ``max_memory_allocated``; CPU: the resident high-water mark, reset, minus the resident size before (clamped
+    at 0: RSS can shrink between the two reads)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, max(0, torch.cuda.max_memory_allocated() - before)
+    before = _rss_bytes("VmRSS")
+    _reset_peak_rss()
+    out = fn()
+    return out, max(0, _rss_bytes("VmHWM") - before)
+
+
 def measure(case, repeats: int, warmup: int) -> dict:
     cuda = case["device"] == "cuda"
     run = C.build(case)
@@ -39,18 +56,7 @@ def measure(case, repeats: int, warmup: int) -> dict:
     if case["impl"].endswith("compiled"):  # compile first: the compiler's own memory is not the op's
         run()
         sync()
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = run()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-        out = run()
-        peak = max(0, _rss_bytes("VmHWM") - before)  # RSS can shrink between the two reads: no growth
+    out, peak = peak_extra_bytes(run, cuda)
     del out
     for _ in range(max(0, warmup - 1)):
         run()

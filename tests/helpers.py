@@ -59,3 +59,38 @@ def store_rtol(dtype: torch.dtype) -> float:
         # whole ulp. A GPU's cvt.rn.bf16.f32 rounds to nearest, within half an ulp.
         return 2.0 ** -7
     return STORE_RTOL[dtype]
+
+
+class HostReads:
+    """Records every read of a tensor's values on the host while active: ``.tolist()``, ``.item()``, and the
+    ops that need one (boolean indexing, ``nonzero`` of unknown size, ``is_nonzero``, a scalar read). On a GPU
+    each is a synchronisation. ``HostReads(monkeypatch)`` patches the two methods; use it as a context."""
+
+    _OPS = ("aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
+            "aten.masked_select.default")
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.reads = []
+        for name in ("tolist", "item"):
+            orig = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, _o=orig, _n=name: self.reads.append(_n) or _o(t))
+        reads = self.reads
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                bool_index = name == "aten.index.Tensor" and any(
+                    t is not None and t.dtype == torch.bool for t in args[1])
+                if bool_index or name in HostReads._OPS:
+                    reads.append(name)
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)

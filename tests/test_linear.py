@@ -304,31 +304,16 @@ def test_one_host_sync_per_call(monkeypatch, op):
     completion-row count): no other .tolist(), .item(), boolean indexing or nonzero of unknown size. The
     CPU-only label check, which reads the labels by design, is switched off here; the PyTorch path, for CPU
     tensors, reads host memory freely."""
+    from helpers import HostReads
+
     monkeypatch.setenv("FASTDPO_BACKEND", "triton")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-    for name in ("tolist", "item"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=orig, _n=name: reads.append(_n) or _o(self))
-
-    class Syncs(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            bool_index = name == "aten.index.Tensor" and any(
-                t is not None and t.dtype == torch.bool for t in args[1])
-            if bool_index or name in ("aten.nonzero.default", "aten._local_scalar_dense.default",
-                                      "aten.masked_select.default", "aten.is_nonzero.default"):
-                reads.append(name)
-            return func(*args, **(kwargs or {}))
-
     monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
     hidden, weight, bias, labels, ref_c, ref_r = inputs(seed=5, bias=True)
     h, w, b = leaves(hidden, weight, bias)
-    with Syncs():
+    with HostReads(monkeypatch) as spy:
         if op == "linear_dpo_loss":
             loss = linear_dpo_loss(h, w, labels, ref_c, ref_r, b, chunk_bytes=11 * V * 4).loss
         else:
             loss = linear_sequence_logps(h, w, labels, b, chunk_bytes=11 * V * 4).logps.sum()
         loss.backward()
-    assert reads == ["tolist"], reads
+    assert spy.reads == ["tolist"], spy.reads

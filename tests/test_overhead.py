@@ -109,29 +109,16 @@ def test_no_host_reads(monkeypatch):
     """The CPU proxy of 'no synchronising call': on the kernels' path, dpo_loss and sequence_logps forward +
     backward never read a tensor on the host (.tolist(), .item(), boolean indexing, nonzero). The CPU-only
     label check, which reads the labels by design (it is skipped for CUDA tensors), is switched off."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-    for name in ("tolist", "item"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=orig, _n=name: reads.append(_n) or _o(self))
-
-    class Syncs(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if (name == "aten.index.Tensor" and any(t is not None and t.dtype == torch.bool for t in args[1])) or \
-                    name in ("aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"):
-                reads.append(name)
-            return func(*args, **(kwargs or {}))
+    from helpers import HostReads
 
     monkeypatch.setenv("FASTDPO_BACKEND", "triton")
     monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
     logits, labels, ref_c, ref_r = _pairs()
     for loss_type in ("sigmoid", "aot", ["ipo", "sft"]):
-        with Syncs():
+        with HostReads(monkeypatch) as spy:
             fastdpo.dpo_loss(logits, labels, ref_c, ref_r, loss_type=loss_type, ld_alpha=0.5).loss.backward()
             fastdpo.sequence_logps(logits, labels, average=True, return_token_stats=True).logps.sum().backward()
-    assert reads == [], reads
+        assert spy.reads == [], (loss_type, spy.reads)
 
 
 def test_config_is_validated_once():
