@@ -1,7 +1,7 @@
 """fastdpo: fused Triton kernels for DPO losses."""
 
 from fastdpo.dpo import DPOLoss, DPOLossOutput, FusedDPOLossFunction, dpo_loss
-from fastdpo.integrations.hf import policy_logps
+from fastdpo.integrations.hf import policy_dpo_loss, policy_logps
 from fastdpo.linear import (LinearDPOLoss, LinearDPOLossFunction, LinearSequenceLogpsFunction, linear_dpo_loss,
                             linear_sequence_logps)
 from fastdpo.logps import SequenceLogps, SequenceLogpsFunction, sequence_logps
@@ -12,5 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = ["DPOLoss", "DPOLossConfig", "DPOLossOutput", "FusedDPOLossFunction", "LOSS_TYPES", "LinearDPOLoss",
            "LinearDPOLossFunction", "LinearSequenceLogpsFunction", "ReferenceLogps", "SequenceLogps", "SequenceLogpsFunction",
-           "dpo_loss", "dpo_loss_from_logps", "linear_dpo_loss", "linear_sequence_logps", "policy_logps",
+           "dpo_loss", "dpo_loss_from_logps", "linear_dpo_loss", "linear_sequence_logps", "policy_dpo_loss",
+           "policy_logps",
            "precompute_reference_logps", "sequence_logps"]

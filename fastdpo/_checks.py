@@ -2,13 +2,27 @@
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def reject_dtensor(name: str, t, hint: str) -> None:
+    """A DTensor (a sharded tensor: FSDP2's parameters, tensor-parallel logits) is refused: the op cannot know
+    which gradient placement the caller's parallelism needs."""
+    if isinstance(t, DTensor):
+        raise TypeError(f"{name} is a DTensor (placements {tuple(t.placements)}): {hint}")
 
 
 def check_logits_labels(logits, labels, ignore_index: int) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    reject_dtensor("logits", logits, "for logits sharded over the vocabulary (loss_parallel) pass "
+                   "logits.to_local() and process_group= (the group over which the vocabulary is split)")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if logits.dim() != 3:

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdpo import _head, _ops
+from fastdpo import _head, _ops, _vocab
 from fastdpo.losses import ld_token_weights
 
 
@@ -83,8 +83,13 @@ def dpo_forward(logits: Tensor, labels: Tensor, ref_chosen: Optional[Tensor], re
     or per position (2B, T) with LD-DPO, lse (2B, T) per row, logps (2B,), num_tokens (2B,) int64, seq_stats
     (4, 2B), rewards (2B,), metrics (10,) in ``fastdpo._head.METRICS`` order)."""
     check_label_range(labels, logits.shape[2], ignore_index)
-    p = _head.HeadParams(*params)
     token_logps, lse, stats = _ops.logps_forward(logits, labels, ignore_index, shift, True)
+    return _dpo_tail(token_logps, lse, stats, labels, ref_chosen, ref_rejected, ignore_index, shift, params)
+
+
+def _dpo_tail(token_logps, lse, stats, labels, ref_chosen, ref_rejected, ignore_index, shift, params):
+    """``dpo_forward`` after the pass over the logits: the per-sequence sums and the loss head."""
+    p = _head.HeadParams(*params)
     logps, num_tokens, seq_stats = _ops.sequence_sums(token_logps, stats, labels, ignore_index, shift)
     sums = logps
     if p.ld:  # LD-DPO: the tokens past the shorter completion of each pair weigh ld_alpha
@@ -106,6 +111,64 @@ def _(logits, labels, ref_chosen, ref_rejected, ignore_index, shift, params):
 
     def new(*shape, dtype=dt):
         return logits.new_empty(shape, dtype=dtype)
+
+    coef = new(N, T) if _head.HeadParams(*params).ld else new(N)
+    return (new(), coef, new(N, T), new(N), new(N, dtype=torch.int64), new(4, N), new(N), new(len(_head.METRICS)))
+
+
+# ------------------------------------------------------------------------------ vocabulary-parallel (_vocab)
+
+
+@torch.library.custom_op("fastdpo::shard_forward", mutates_args=())
+def shard_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool, start: int, vocab_size: int,
+                  with_stats: bool) -> Tuple[Tensor, Tensor]:
+    """A vocabulary shard's pass: (partials (K, N, T) at positions, local labels (N, T) int64), see
+    ``fastdpo._vocab``; labels are global ids in [0, vocab_size)."""
+    check_label_range(labels, vocab_size, ignore_index)
+    return _vocab.shard_forward(logits, labels, ignore_index, shift, start, with_stats)
+
+
+@shard_forward.register_fake
+def _(logits, labels, ignore_index, shift, start, vocab_size, with_stats):
+    N, T, _ = logits.shape
+    K = _vocab.K_STATS if with_stats else _vocab.K_PLAIN
+    return (logits.new_empty((K, N, T), dtype=_ops._compute_dtype(logits)),
+            logits.new_empty((N, T), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastdpo::logps_from_partials", mutates_args=())
+def logps_from_partials(gathered: Tensor, labels: Tensor, ignore_index: int, shift: bool, vocab_shard: int,
+                        with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every shard's partials (P, K, N, T) -> ``logps_forward``'s outputs for the whole vocabulary."""
+    token_logps, lse, stats = _vocab.combine_positions(gathered, labels, ignore_index, shift, vocab_shard,
+                                                       with_stats)
+    logps, num_tokens, _ = _ops.sequence_sums(token_logps, None, labels, ignore_index, shift)
+    return token_logps, lse, stats if stats is not None else token_logps.new_empty(0), logps, num_tokens
+
+
+@logps_from_partials.register_fake
+def _(gathered, labels, ignore_index, shift, vocab_shard, with_stats):
+    N, T = labels.shape
+    return (gathered.new_empty((N, T)), gathered.new_empty((N, T)),
+            gathered.new_empty((4, N, T) if with_stats else (0,)), gathered.new_empty((N,)),
+            gathered.new_empty((N,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastdpo::dpo_from_partials", mutates_args=())
+def dpo_from_partials(gathered: Tensor, labels: Tensor, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                      ignore_index: int, shift: bool, vocab_shard: int, params: List[float]
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every shard's partials (P, K, N, T) -> ``dpo_forward``'s outputs for the whole vocabulary."""
+    token_logps, lse, stats = _vocab.combine_positions(gathered, labels, ignore_index, shift, vocab_shard, True)
+    return _dpo_tail(token_logps, lse, stats, labels, ref_chosen, ref_rejected, ignore_index, shift, params)
+
+
+@dpo_from_partials.register_fake
+def _(gathered, labels, ref_chosen, ref_rejected, ignore_index, shift, vocab_shard, params):
+    N, T = labels.shape
+
+    def new(*shape, dtype=gathered.dtype):
+        return gathered.new_empty(shape, dtype=dtype)
 
     coef = new(N, T) if _head.HeadParams(*params).ld else new(N)
     return (new(), coef, new(N, T), new(N), new(N, dtype=torch.int64), new(4, N), new(N), new(len(_head.METRICS)))

@@ -46,8 +46,9 @@ def positions_to_rows(pos: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([pos[:, 1:], pos.new_zeros((pos.shape[0], min(1, pos.shape[1])))], dim=1)
 
 
-# Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``.
-MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1 = range(4)
+# Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``; ``with_max`` adds a fifth, the row
+# maximum (a vocabulary shard's share of the global is_top1, see ``fastdpo._vocab``).
+MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1, ROW_MAX = range(5)
 
 
 def named_token_stats(stats: torch.Tensor) -> dict:
@@ -57,13 +58,15 @@ def named_token_stats(stats: torch.Tensor) -> dict:
 
 
 def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool,
-                  with_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                  with_stats: bool = False,
+                  with_max: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (token_logps (N, T) at positions, lse (N, T) per row, stats (4, N, T) at positions or None);
     zeros where no valid row scores a position. stats: mean logit, entropy, log sum p^2, is_top1 (1.0 when the
-    label is the first argmax)."""
+    label is the first argmax); with ``with_max`` (and ``with_stats``) (5, N, T), the row maximum fifth."""
+    with_max = bool(with_max and with_stats)
     if _backend.use_triton(logits):
-        return _triton_forward(logits, labels, ignore_index, shift, with_stats)
-    return _torch_forward(logits, labels, ignore_index, shift, with_stats)
+        return _triton_forward(logits, labels, ignore_index, shift, with_stats, with_max)
+    return _torch_forward(logits, labels, ignore_index, shift, with_stats, with_max)
 
 
 def sequence_sums(token_logps: torch.Tensor, stats: Optional[torch.Tensor], labels: torch.Tensor,
@@ -104,12 +107,13 @@ def _labels_i64(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
-def _triton_forward(logits, labels, ignore_index, shift, with_stats):
+def _triton_forward(logits, labels, ignore_index, shift, with_stats, with_max=False):
     N, T, V = logits.shape
     labels = _labels_i64(labels)
     token_logps = torch.empty((N, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(token_logps)
-    stats = torch.empty((4, N, T), device=logits.device, dtype=torch.float32) if with_stats else None
+    stats = (torch.empty((5 if with_max else 4, N, T), device=logits.device, dtype=torch.float32) if with_stats
+             else None)
     n_rows = N * T
     if n_rows:
         cfg = _k.tile_config(V, with_stats)
@@ -119,7 +123,7 @@ def _triton_forward(logits, labels, ignore_index, shift, with_stats):
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
-            ignore_index, int(shift),
+            ignore_index, int(shift), int(with_max),
             WITH_STATS=with_stats, **cfg)
     return token_logps, lse, stats
 
@@ -199,13 +203,13 @@ def _first_argmax_is(x: torch.Tensor, m: torch.Tensor, tgt: torch.Tensor, lab: t
     return top
 
 
-def _torch_forward(logits, labels, ignore_index, shift, with_stats):
+def _torch_forward(logits, labels, ignore_index, shift, with_stats, with_max=False):
     N, T, V = logits.shape
     cdt = _compute_dtype(logits)
     rlab, valid = row_labels(labels, ignore_index, shift)
     row_logps = torch.zeros((N, T), dtype=cdt, device=logits.device)
     lse = torch.zeros_like(row_logps)
-    stats = torch.zeros((4, N, T), dtype=cdt, device=logits.device) if with_stats else None
+    stats = torch.zeros((5 if with_max else 4, N, T), dtype=cdt, device=logits.device) if with_stats else None
     for n, lo, hi in _spans(valid):
         for t0, t1 in _chunks(lo, hi, V):
             x = logits[n, t0:t1].to(cdt)  # (r, V): a copy of one chunk at most
@@ -225,12 +229,12 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats):
                 if torch.isnan(ex).any():  # e = 0 where x = -inf (a padded vocabulary): p * x must be 0 there
                     ex = torch.linalg.vecdot(e, x.masked_fill(x == float("-inf"), 0.0))
                 rows = (x.sum(1) / V, lse_c - ex / s, torch.linalg.vecdot(e, e).log() - 2 * s.log(),
-                        _first_argmax_is(x, m, tgt, lab).to(cdt))
+                        _first_argmax_is(x, m, tgt, lab).to(cdt)) + ((m,) if with_max else ())
                 for i, r in enumerate(rows):
                     stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
     token_logps = rows_to_positions(row_logps, shift)
     if stats is not None:
-        stats = rows_to_positions(stats.view(4 * N, T), shift).view(4, N, T)
+        stats = rows_to_positions(stats.view(-1, T), shift).view(stats.shape)
     return token_logps, lse, stats
 
 

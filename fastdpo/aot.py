@@ -65,7 +65,8 @@ def _signature(kernel: str, dtype: str):
     if kernel == "logps_fwd":
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "token_logps_ptr": "*fp32", "lse_ptr": "*fp32",
                 "stats_ptr": "*fp32"}
-        ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "ignore_index", "shift"]
+        ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "ignore_index", "shift",
+                "with_max"]
     else:
         ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": x}
         ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "stride_gn", "stride_gt",

@@ -11,9 +11,9 @@ from typing import Dict, Optional
 
 import torch
 
-from fastdpo import _head, _library
+from fastdpo import _head, _library, _vocab
 from fastdpo._checks import check_logits_labels
-from fastdpo.logps import logps_backward
+from fastdpo.logps import logps_backward, shard_pass
 from fastdpo.losses import DPOLossConfig
 
 
@@ -50,7 +50,7 @@ class FusedDPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ref_chosen_logps, ref_rejected_logps, config: DPOLossConfig,
-                ignore_index=-100, shift=True, inplace_backward=False):
+                ignore_index=-100, shift=True, inplace_backward=False, process_group=None):
         check_logits_labels(logits, labels, ignore_index)
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
@@ -64,8 +64,15 @@ class FusedDPOLossFunction(torch.autograd.Function):
             cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
             ref_chosen_logps = _reference(ref_chosen_logps, "ref_chosen_logps", B, logits, cdt)
             ref_rejected_logps = _reference(ref_rejected_logps, "ref_rejected_logps", B, logits, cdt)
-        loss, coef, lse, logps, num_tokens, seq_stats, rewards, metrics = _library.dpo_forward(
-            logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, list(_head.params(config)))
+        params = list(_head.params(config))
+        if process_group is None:
+            loss, coef, lse, logps, num_tokens, seq_stats, rewards, metrics = _library.dpo_forward(
+                logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, params)
+        else:  # vocabulary-parallel (see fastdpo._vocab): the backward runs on local labels with the global lse
+            gathered, local = shard_pass(logits, labels, ignore_index, shift, True, process_group)
+            loss, coef, lse, logps, num_tokens, seq_stats, rewards, metrics = _library.dpo_from_partials(
+                gathered, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, logits.shape[2], params)
+            labels, ignore_index = local, _vocab.LOCAL_IGNORE
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, labels, lse, coef)
         ctx.options = (ignore_index, shift, inplace_backward)
@@ -76,20 +83,20 @@ class FusedDPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         logits, labels, lse, coef = ctx.saved_tensors
         ignore_index, shift, inplace = ctx.options
         coef = coef * grad_loss
         if coef.dim() == 1:  # one coefficient per sequence, broadcast over its positions (stride 0)
             coef = coef[:, None].expand(labels.shape)
         dlogits = logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace)
-        return dlogits, None, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None, None
 
 
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optional[torch.Tensor] = None,
              ref_rejected_logps: Optional[torch.Tensor] = None, *, config: Optional[DPOLossConfig] = None,
              ignore_index: int = -100, shift: bool = True, inplace_backward: bool = False,
-             **options) -> DPOLossOutput:
+             process_group=None, **options) -> DPOLossOutput:
     """The DPO loss of a concatenated batch of preference pairs, fused with its backward.
 
     Args:
@@ -101,6 +108,8 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
             loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
             simpo_gamma, nll_alpha, ld_alpha, use_weighting`` (TRL 1.16's names and semantics).
         shift, ignore_index, inplace_backward: as in ``sequence_logps``.
+        process_group: vocabulary-parallel, as in ``sequence_logps``: ``logits`` is this rank's vocabulary shard;
+            every rank gets the unsharded loss, log-probs, rewards and metrics (one all-gather of 7 fp32 per token).
 
     Returns:
         ``DPOLossOutput``: loss, log-probs and rewards per pair, and ``metrics`` under TRL's names
@@ -112,7 +121,8 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
     elif options:
         raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
     loss, logps, _, _, rewards, metrics = FusedDPOLossFunction.apply(
-        logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward)
+        logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward,
+        process_group)
     return dpo_output(loss, logps, rewards, metrics)
 
 

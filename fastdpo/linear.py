@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from fastdpo import _head, _ops
-from fastdpo._checks import LABEL_DTYPES
+from fastdpo import _head, _ops, _vocab
+from fastdpo._checks import LABEL_DTYPES, reject_dtensor
 from fastdpo._library import check_label_range
 from fastdpo.dpo import DPOLossOutput, _reference, dpo_output
 from fastdpo.logps import SequenceLogps, _mean_scale, sequence_coef
@@ -79,10 +79,15 @@ class LogitOptions:
         return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
 
 
-def _check_linear(hidden, weight, labels, bias, ignore_index):
+def _check_linear(hidden, weight, labels, bias, ignore_index, vocab_size=None):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        reject_dtensor(name, t, "a sharded LM head (FSDP2's fully_shard) is gathered for the call by "
+                       "fastdpo.policy_logps / fastdpo.policy_dpo_loss, which run inside the model's forward; or pass "
+                       "weight.full_tensor(grad_placements=...) with the gradient placement your parallelism needs "
+                       "(FSDP2: [Partial('avg')]); a vocabulary-parallel head takes its local rows and process_group=")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D (N, T, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
@@ -103,7 +108,33 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_label_range(labels, weight.shape[0], ignore_index)
+    check_label_range(labels, weight.shape[0] if vocab_size is None else vocab_size, ignore_index)
+
+
+class _Shard:
+    """Vocabulary-parallel fused linear (see ``fastdpo._vocab``): ``weight`` holds rows [start, start + Vp) of the
+    LM head. The kernels run on local targets; the per-row partials of every chunk are gathered once, after the
+    last chunk; the hidden-state gradient is summed over the group."""
+
+    def __init__(self, process_group, hidden, weight, labels):
+        _vocab.check_group(process_group)
+        self.group = process_group
+        self.Vp = weight.shape[0]
+        rank, self.size = _vocab.check_split(process_group, self.Vp, tuple(labels.shape), hidden, "weight")
+        self.start = rank * self.Vp
+        self.vocab_size = self.size * self.Vp
+
+    def local(self, targets):
+        return _vocab.local_labels(targets, _NO_LABEL, self.start, self.Vp)
+
+    def combine(self, parts, targets, with_stats):
+        """This rank's partials (K, M) of the M completion rows -> (logp, lse, stats (4, M) or None) over the whole
+        vocabulary."""
+        return _vocab.combine(_vocab.gather(parts, self.group, self.size), targets, self.Vp, with_stats)
+
+
+def _shard(process_group, hidden, weight, labels):
+    return None if process_group is None else _Shard(process_group, hidden, weight, labels)
 
 
 class _Head:
@@ -145,8 +176,8 @@ class _Head:
                 z.div_(o.temperature)
         return z
 
-    def forward_rows(self, z, targets, with_stats):
-        rows, lse, stats = _ops.logps_forward(z[None], targets[None], _NO_LABEL, False, with_stats)
+    def forward_rows(self, z, targets, with_stats, with_max=False):
+        rows, lse, stats = _ops.logps_forward(z[None], targets[None], _NO_LABEL, False, with_stats, with_max)
         return rows[0], lse[0], None if stats is None else stats[:, 0]
 
     def backward_rows(self, z, targets, lse, coef, ignore_index=_NO_LABEL):
@@ -240,8 +271,9 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, with_stats,
-                lean=False):
-        _check_linear(hidden, weight, labels, bias, ignore_index)
+                lean=False, process_group=None):
+        shard = _shard(process_group, hidden, weight, labels)
+        _check_linear(hidden, weight, labels, bias, ignore_index, None if shard is None else shard.vocab_size)
         N, T, _ = hidden.shape
         head = _Head(hidden, weight, bias, opts, chunk_bytes)
         idx, targets, valid, _ = _completion_rows(labels, ignore_index, shift, pair_major=False)
@@ -249,13 +281,25 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         row_logps = torch.zeros(N * T, dtype=cdt, device=hidden.device)
         lse = torch.zeros(idx.numel(), dtype=cdt, device=hidden.device)
         stats = torch.zeros(4, N * T, dtype=cdt, device=hidden.device) if with_stats else None
+        kernel_targets = targets if shard is None else shard.local(targets)
+        parts = None
+        if shard is not None:
+            parts = torch.zeros(_vocab.K_STATS if with_stats else _vocab.K_PLAIN, idx.numel(), dtype=cdt,
+                                device=hidden.device)
         for r0 in range(0, idx.numel(), head.chunk_rows):
             sl = slice(r0, r0 + head.chunk_rows)
             _, z = head.logits(idx[sl])
-            rl, lse[sl], st = head.forward_rows(z, targets[sl], with_stats)
+            rl, lse[sl], st = head.forward_rows(z, kernel_targets[sl], with_stats, with_max=shard is not None)
+            if shard is not None:
+                parts[:, sl] = _vocab.partials(rl, lse[sl], st, kernel_targets[sl])
+                continue
             row_logps[idx[sl]] = rl
             if with_stats:
                 stats[:, idx[sl]] = st
+        if shard is not None:
+            row_logps[idx], lse, st = shard.combine(parts, targets, with_stats)
+            if with_stats:
+                stats[:, idx] = st
         token_logps = _ops.rows_to_positions(row_logps.view(N, T), shift)
         num_tokens = valid.sum(1)
         logps = token_logps.sum(1)
@@ -265,14 +309,14 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
                  else torch.zeros(0, device=hidden.device))
         ctx.mark_non_differentiable(num_tokens, stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, labels, idx, targets, lse, num_tokens)
-        ctx.options = (ignore_index, shift, average, opts, chunk_bytes, lean)
+        ctx.save_for_backward(hidden, weight, bias, labels, idx, kernel_targets, lse, num_tokens)
+        ctx.options = (ignore_index, shift, average, opts, chunk_bytes, lean, shard)
         return logps, token_logps, num_tokens, stats
 
     @staticmethod
     def backward(ctx, grad_logps, grad_token_logps, *_):
         hidden, weight, bias, labels, idx, targets, lse, num_tokens = ctx.saved_tensors
-        ignore_index, shift, average, opts, chunk_bytes, lean = ctx.options
+        ignore_index, shift, average, opts, chunk_bytes, lean, shard = ctx.options
         coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average)
         coef = _ops.positions_to_rows(coef, shift).reshape(-1)[idx]
         grads = _grad_buffers(hidden, weight, bias, lean)
@@ -284,7 +328,9 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
                 sl = slice(r0, r0 + head.chunk_rows)
                 h, z = head.logits(idx[sl])
                 head.accumulate(idx[sl], h, head.backward_rows(z, targets[sl], lse[sl], coef[sl]), grads)
-        return (*_finish_grads(grads, hidden, weight, bias), None, None, None, None, None, None, None, None)
+        if shard is not None:  # every shard's share of d loss / d hidden
+            _vocab.all_reduce_sum_(grads[0], shard.group)
+        return (*_finish_grads(grads, hidden, weight, bias), None, None, None, None, None, None, None, None, None)
 
 
 def _grad_buffers(hidden, weight, bias, lean=False):
@@ -308,7 +354,7 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           average: bool = False, logit_scale: float = 1.0, softcap: Optional[float] = None,
                           temperature: float = 1.0, return_token_logps: bool = False,
                           return_token_stats: bool = False, chunk_bytes: Optional[int] = None,
-                          lean: bool = False) -> SequenceLogps:
+                          lean: bool = False, process_group=None) -> SequenceLogps:
     """``sequence_logps(transform(hidden @ weight.T + bias), labels)`` without building the logits.
 
     Args:
@@ -320,10 +366,16 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             4096 tokens' logits on a GPU, within 1/8 of its free memory).
         lean: backward in vocabulary tiles, each writing its rows of the weight gradient once, in the weight's
             dtype: no fp32 copy of the weight gradient, the same 4 GEMMs (see ``_vocab_tiled_backward``).
+        process_group: vocabulary-parallel (Megatron's column-parallel LM head): ``weight`` (and ``bias``) hold rows
+            [r * Vp, (r + 1) * Vp) of the head on rank r, ``hidden`` and ``labels`` (global ids) are the same on every
+            rank. Every rank gets the unsharded outputs; the weight gradient is the local rows', the hidden-state
+            gradient the full one (summed over the group). Communication: one all-gather of 2 fp32 per completion
+            token (7 with the statistics) in forward, one all-reduce of the hidden-state gradient in backward.
     """
     opts = LogitOptions(logit_scale, softcap, temperature)
     logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(
-        hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, return_token_stats, lean)
+        hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, return_token_stats, lean,
+        process_group)
     return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None,
                          _ops.named_token_stats(stats) if return_token_stats else None)
 
@@ -336,8 +388,9 @@ class LinearDPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index,
-                shift, opts, chunk_bytes, lean=False):
-        _check_linear(hidden, weight, labels, bias, ignore_index)
+                shift, opts, chunk_bytes, lean=False, process_group=None):
+        shard = _shard(process_group, hidden, weight, labels)
+        _check_linear(hidden, weight, labels, bias, ignore_index, None if shard is None else shard.vocab_size)
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
         N, T, _ = hidden.shape
@@ -357,6 +410,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
         p = _head.params(config)
 
         idx, targets, valid_rows, per_seq = _completion_rows(labels, ignore_index, shift, pair_major=True)
+        kernel_targets = targets if shard is None else shard.local(targets)
         valid_pos = _ops.rows_to_positions(valid_rows, shift)
         num_tokens = valid_pos.sum(1)
         token_w = None
@@ -399,18 +453,23 @@ class LinearDPOLossFunction(torch.autograd.Function):
                 return coef[s]
             return coef[s] * token_w[idx[sl]] + token[s]
 
+        parts = None if shard is None else torch.zeros(_vocab.K_STATS, idx.numel(), dtype=cdt, device=dev)
+
         def forward_chunk(sl):
             h, z = head.logits(idx[sl])
-            rl, lse[sl], st = head.forward_rows(z, targets[sl], True)
+            rl, lse[sl], st = head.forward_rows(z, kernel_targets[sl], True, with_max=shard is not None)
+            if shard is not None:  # combined after the last chunk
+                parts[:, sl] = _vocab.partials(rl, lse[sl], st, kernel_targets[sl])
+                return h, z
             row_logps[idx[sl]] = rl
             stats[:, idx[sl]] = st
             return h, z
 
         def backward_chunk(sl, h, z, coef):
-            head.accumulate(idx[sl], h, head.backward_rows(z, targets[sl], lse[sl], coef), grads)
+            head.accumulate(idx[sl], h, head.backward_rows(z, kernel_targets[sl], lse[sl], coef), grads)
 
         rows_per_pair = [per_seq[b] + per_seq[B + b] for b in range(B)]
-        grouped = (want_grad and not lean and pair_local(config)
+        grouped = (want_grad and not lean and shard is None and pair_local(config)
                    and max(rows_per_pair, default=0) <= head.chunk_rows)
         losses = []
         if grouped:  # 3 GEMMs: each group's gradients while its logits are in the buffer
@@ -431,10 +490,12 @@ class LinearDPOLossFunction(torch.autograd.Function):
             # backward in vocabulary tiles, see _vocab_tiled_backward)
             for r0 in range(0, idx.numel(), head.chunk_rows):
                 forward_chunk(slice(r0, r0 + head.chunk_rows))
+            if shard is not None:  # one all-gather: every shard's partials of every completion row
+                row_logps[idx], lse, stats[:, idx] = shard.combine(parts, targets, True)
             loss, coef, token, rewards, metrics = head_on_pairs(0, B)
             losses.append(loss)
             if want_grad and lean:
-                _vocab_tiled_backward(head, idx, targets, lse, row_coef(slice(0, idx.numel()), coef, token), grads,
+                _vocab_tiled_backward(head, idx, kernel_targets, lse, row_coef(slice(0, idx.numel()), coef, token), grads,
                                       head.chunk_bytes)
             elif want_grad:
                 for r0 in range(0, idx.numel(), head.chunk_rows):
@@ -442,6 +503,8 @@ class LinearDPOLossFunction(torch.autograd.Function):
                     h, z = head.logits(idx[sl])
                     backward_chunk(sl, h, z, row_coef(sl, coef, token))
         loss = torch.stack(losses).sum()
+        if want_grad and shard is not None:  # every shard's share of d loss / d hidden
+            _vocab.all_reduce_sum_(grads[0], shard.group)
         if want_grad:
             ctx.grads = _finish_grads(grads, hidden, weight, bias)
         ctx.mark_non_differentiable(logps, num_tokens, seq_stats, rewards, metrics)
@@ -452,7 +515,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]  # in place: no copy
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -460,7 +523,8 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: Optional[torch.Tensor] = None, *, config: Optional[DPOLossConfig] = None,
                     ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
                     softcap: Optional[float] = None, temperature: float = 1.0,
-                    chunk_bytes: Optional[int] = None, lean: bool = False, **options) -> DPOLossOutput:
+                    chunk_bytes: Optional[int] = None, lean: bool = False, process_group=None,
+                    **options) -> DPOLossOutput:
     """``dpo_loss`` of ``transform(hidden @ weight.T + bias)`` without building the logits; same options and
     output (every ``DPOLossConfig`` field as a keyword, or ``config=``).
 
@@ -473,6 +537,9 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             over all tokens (``_vocab_tiled_backward``): 4 GEMMs instead of 3, and no fp32 copy of the weight
             gradient (beyond the inputs and gradients: one chunk of logits, the completion rows' hidden states
             and an fp32 (tokens, H) accumulator).
+        process_group: vocabulary-parallel, as in ``linear_sequence_logps`` (``weight`` holds this rank's rows of
+            the head); every rank gets the unsharded loss and metrics. Always the two-pass mode (4 GEMMs): the
+            loss needs every shard's partials, gathered once after the last chunk.
     """
     if config is None:
         config = DPOLossConfig(**options)
@@ -481,7 +548,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     opts = LogitOptions(logit_scale, softcap, temperature)
     loss, logps, _, _, rewards, metrics = LinearDPOLossFunction.apply(
         hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, opts,
-        chunk_bytes, lean)
+        chunk_bytes, lean, process_group)
     return dpo_output(loss, logps, rewards, metrics)
 
 

@@ -4,7 +4,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from fastdpo import _library, _ops
+from fastdpo import _library, _ops, _vocab
 from fastdpo._checks import check_logits_labels
 
 
@@ -31,10 +31,16 @@ class SequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False,
-                with_stats=False):
+                with_stats=False, process_group=None):
         check_logits_labels(logits, labels, ignore_index)
-        token_logps, lse, stats, logps, num_tokens = _library.logps_forward(logits, labels, ignore_index, shift,
-                                                                          bool(with_stats))
+        if process_group is None:
+            token_logps, lse, stats, logps, num_tokens = _library.logps_forward(logits, labels, ignore_index, shift,
+                                                                              bool(with_stats))
+        else:  # vocabulary-parallel: the backward runs on the shard's local labels with the global lse
+            gathered, local = shard_pass(logits, labels, ignore_index, shift, bool(with_stats), process_group)
+            token_logps, lse, stats, logps, num_tokens = _library.logps_from_partials(
+                gathered, labels, ignore_index, shift, logits.shape[2], bool(with_stats))
+            labels, ignore_index = local, _vocab.LOCAL_IGNORE
         if average:
             logps = logps * _mean_scale(num_tokens, logps.dtype)
         ctx.mark_non_differentiable(num_tokens, stats)
@@ -50,7 +56,17 @@ class SequenceLogpsFunction(torch.autograd.Function):
         ignore_index, shift, average, inplace = ctx.options
         coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average)
         return (logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def shard_pass(logits, labels, ignore_index, shift, with_stats, process_group):
+    """A vocabulary shard's forward and the one all-gather: (every shard's partials (P, K, N, T), this shard's
+    local labels (N, T)); see ``fastdpo._vocab``."""
+    _vocab.check_group(process_group)
+    Vp = logits.shape[2]
+    rank, size = _vocab.check_split(process_group, Vp, tuple(labels.shape), logits, "logits")
+    partials, local = _library.shard_forward(logits, labels, ignore_index, shift, rank * Vp, size * Vp, with_stats)
+    return _vocab.gather(partials, process_group, size), local
 
 
 def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
@@ -76,7 +92,7 @@ def sequence_coef(labels, num_tokens, grad_seq, grad_token, average):
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,
                    average: bool = False, return_token_logps: bool = False, return_token_stats: bool = False,
-                   inplace_backward: bool = False) -> SequenceLogps:
+                   inplace_backward: bool = False, process_group=None) -> SequenceLogps:
     """Per-sequence log-probs of ``labels`` under ``logits``, in one pass over the logits.
 
     Args:
@@ -89,12 +105,17 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
         return_token_stats: also return ``token_stats``, per-token (N, T) ``entropy``, ``mean_logits``,
             ``log_sum_sq_probs`` and ``is_top1``, computed in the same pass (0 where masked; no gradient).
         inplace_backward: write the logits gradient into the logits' storage (they are clobbered).
+        process_group: vocabulary-parallel (a tensor-parallel LM head): ``logits`` is this rank's shard, entries
+            [r * Vp, (r + 1) * Vp) of the vocabulary for rank r of the group (Vp equal on every rank), ``labels``
+            the global ids, the same on every rank. Every rank gets the unsharded outputs; the gradient of the
+            shard is its part of the full gradient (the upstream gradient must be the same on every rank, as it
+            is when each computes the same loss). One all-gather of 2 fp32 per token (7 with the statistics).
 
     Returns:
         ``SequenceLogps(logps (N,) fp32, num_tokens (N,) int64, token_logps (N, T) fp32 or None,
         token_stats or None)``.
     """
     logps, token_logps, num_tokens, stats = SequenceLogpsFunction.apply(
-        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats)
+        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats, process_group)
     return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None,
                          _ops.named_token_stats(stats) if return_token_stats else None)

@@ -143,7 +143,8 @@ def _sequence_logps_fwd_kernel(
     labels_ptr,  # (N, T) int64
     token_logps_ptr,  # (N * T,) fp32 out, at positions: log p(label), 0 where no valid row scores it
     lse_ptr,  # (N * T,) fp32 out, per row: log-sum-exp, 0 on invalid rows
-    stats_ptr,  # (4, N * T) fp32 out, only WITH_STATS, at positions: mean logit, entropy, log sum p^2, is_top1
+    stats_ptr,  # (4 or 5, N * T) fp32 out, only WITH_STATS, at positions: mean logit, entropy, log sum p^2,
+    # is_top1, and with ``with_max`` the row maximum (what a vocabulary shard contributes to the global is_top1)
     # shapes
     n_rows, T, V,
     # strides
@@ -151,6 +152,7 @@ def _sequence_logps_fwd_kernel(
     stride_ln, stride_lt,
     ignore_index,
     shift,  # 0 or 1
+    with_max,  # 0 or 1: a runtime branch around one store, not a compiled variant
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
     WITH_STATS: tl.constexpr,
@@ -207,6 +209,8 @@ def _sequence_logps_fwd_kernel(
         tl.store(stats_ptr + 2 * n_rows + pos, tl.where(valid, (tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0),
                  mask=in_bounds)
         tl.store(stats_ptr + 3 * n_rows + pos, tl.where(valid, is_top1, 0.0), mask=in_bounds)
+        if with_max != 0:
+            tl.store(stats_ptr + 4 * n_rows + pos, tl.where(valid, m, 0.0), mask=in_bounds)
 
 
 @triton.jit

@@ -1,0 +1,167 @@
+"""Vocabulary parallelism: the logits (or the LM head's rows) split over the P ranks of a process group.
+
+Rank r holds vocabulary entries [r * Vp, (r + 1) * Vp) of every row, Vp equal on every rank (Megatron pads the
+vocabulary to make it so), and the same labels (global token ids). No rank ever holds a full row.
+
+Forward: each rank runs the ordinary kernels on its shard with *local* labels (``local_labels``: the label minus
+the shard's start where the rank owns it, ``NOT_OWNED`` where another rank does; a row whose target is elsewhere
+still gets its log-sum-exp and statistics). Per scored token it contributes a few fp32 numbers (``partials``):
+
+    lse_r                  log-sum-exp over the shard
+    target_r               the target's logit where the rank owns it, else 0
+    and with the statistics: mean logit, entropy, log sum p^2 and is_top1 over the shard, and its maximum
+
+One all-gather (``gather``: P x K x tokens fp32, K = 2, or 7 with the statistics) gives every rank every
+shard's numbers, and ``combine`` turns them into the unsharded op's values, in rank order (the same bits on every
+rank, run after run):
+
+    lse      = log sum_r exp(lse_r)                        w_r = exp(lse_r - lse), the shard's probability mass
+    logp     = target_owner - lse
+    mean     = sum_r mean_r / P                            (equal shards)
+    entropy  = sum_r w_r (entropy_r - log w_r)
+    log sum p^2 = log sum_r w_r^2 sum p_r^2
+    is_top1  = the owner's is_top1, target >= every shard's maximum, and no earlier shard reaching it (first argmax)
+
+Backward needs no communication: dlogits of a shard = coef * (onehot_local - exp(x - lse)) with the global lse,
+the ordinary backward kernel with the local labels (a target elsewhere adds no one-hot term). The fused-linear
+ops sum the hidden-state gradient over the group (``all_reduce_sum_``), as Megatron's column-parallel head does.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from fastdpo import _ops
+
+LOCAL_IGNORE = -1  # the ignore_index of local labels
+NOT_OWNED = -2  # a target another rank holds: outside [0, Vp) for every shift of a vocabulary tile, != LOCAL_IGNORE
+K_PLAIN, K_STATS = 2, 7  # partials per token: lse, target (+ mean, entropy, log sum p^2, is_top1, max)
+
+
+def _all_gather(out: torch.Tensor, src: torch.Tensor, group) -> None:
+    # torch 2.13 renames all_gather_into_tensor (and deprecates the old name)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, src, group=group)
+
+
+def check_group(process_group) -> None:
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+
+
+def _comm_device(group, like: torch.Tensor) -> torch.device:
+    # gloo reduces CPU tensors; NCCL (and others) the device's
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
+
+
+def check_split(group, vocab_shard: int, rows: Tuple[int, ...], like: torch.Tensor, what: str) -> Tuple[int, int]:
+    """(rank, size) in ``group``, after checking with one small all-gather that every rank holds a shard of the
+    same vocabulary size and the same rows: a different split raises on every rank, before any kernel runs (the
+    one host read of a vocabulary-parallel call)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    mine = torch.tensor([vocab_shard, *rows], dtype=torch.int64, device=_comm_device(group, like))
+    every = torch.empty(size * mine.numel(), dtype=torch.int64, device=mine.device)
+    _all_gather(every, mine, group)  # (flat: gloo concatenates along dim 0)
+    every = every.view(size, -1).tolist()
+    if any(e[0] != every[0][0] for e in every):
+        raise ValueError(f"{what} must hold the same number of vocabulary entries on every rank of process_group "
+                         f"(rank r holds [r * Vp, (r + 1) * Vp); pad the vocabulary to a multiple of the group size, "
+                         f"as Megatron does): got {[e[0] for e in every]} by rank")
+    if any(e[1:] != every[0][1:] for e in every):
+        raise ValueError(f"every rank of process_group must pass the same rows (the same labels): got shapes "
+                         f"{[tuple(e[1:]) for e in every]} by rank")
+    return rank, size
+
+
+def gather(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """(P, *x.shape): every rank's ``x``, in rank order."""
+    dev = _comm_device(group, x)
+    src = (x if x.device == dev else x.to(dev)).contiguous().view(-1)
+    out = torch.empty(size * src.numel(), dtype=x.dtype, device=dev)
+    _all_gather(out, src, group)
+    return out.view(size, *x.shape).to(x.device)
+
+
+def all_reduce_sum_(x: torch.Tensor, group) -> torch.Tensor:
+    dev = _comm_device(group, x)
+    if x.device == dev:
+        dist.all_reduce(x, group=group)
+        return x
+    y = x.to(dev)
+    dist.all_reduce(y, group=group)
+    return x.copy_(y)
+
+
+def local_labels(labels: torch.Tensor, ignore_index: int, start: int, vocab_shard: int) -> torch.Tensor:
+    """Global labels -> this shard's: ``label - start`` where owned, ``NOT_OWNED`` where not, ``LOCAL_IGNORE``
+    where ignored (int64)."""
+    labels = labels.long()
+    owned = (labels >= start) & (labels < start + vocab_shard)
+    local = torch.where(owned, labels - start, NOT_OWNED)
+    return torch.where(labels == ignore_index, LOCAL_IGNORE, local)
+
+
+def partials(token_logps: torch.Tensor, lse_at: torch.Tensor, stats: Optional[torch.Tensor],
+             local: torch.Tensor) -> torch.Tensor:
+    """(K, *shape) fp32: what this shard sends per token, from the kernels' outputs on local labels (token
+    log-probs and ``lse_at``, the log-sum-exp, both aligned with ``local``; stats (5, *shape) or None)."""
+    owned = local >= 0
+    target = torch.where(owned, token_logps + lse_at, 0.0)
+    rows = [lse_at, target] if stats is None else [lse_at, target, *stats.unbind(0)]
+    return torch.stack(rows)
+
+
+def combine(gathered: torch.Tensor, labels: torch.Tensor, vocab_shard: int, with_stats: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Every shard's partials (P, K, *shape) -> (logp, lse, stats (4, *shape) or None) of the whole vocabulary,
+    for tokens whose global label is ``labels`` (*shape); values of ignored tokens are whatever, the caller masks
+    them. A label outside [0, P * Vp) gives NaN, as in the unsharded op."""
+    P = gathered.shape[0]
+    lse_r, target_r = gathered[:, 0], gathered[:, 1]
+    labels = labels.long()
+    owner_raw = torch.div(labels, vocab_shard, rounding_mode="floor")
+    in_range = (labels >= 0) & (owner_raw < P)
+    owner = owner_raw.clamp(0, P - 1)
+    top = lse_r.amax(0)  # NaN in, NaN out
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    # -inf (a shard of -inf logits) contributes 0; +inf or NaN gives NaN, as in the unsharded kernels
+    lse = (lse_r - top).exp().sum(0).log() + top
+    target = target_r.gather(0, owner[None]).squeeze(0)
+    logp = torch.where(in_range, target - lse, float("nan"))
+    if not with_stats:
+        return logp, lse, None
+    mean_r, ent_r, sq_r, top1_r, max_r = gathered[:, 2:7].unbind(1)
+    log_w = lse_r - lse
+    empty = lse_r == float("-inf")  # a shard with no probability mass adds nothing (not 0 * inf)
+    mean = mean_r.sum(0) / P
+    entropy = torch.where(empty, 0.0, log_w.exp() * (ent_r - log_w)).sum(0)
+    log_sum_sq = torch.where(empty, float("-inf"), 2 * log_w + sq_r).logsumexp(0)
+    row_max = max_r.amax(0)
+    ranks = torch.arange(P, device=gathered.device).view(P, *([1] * labels.dim()))
+    earlier_tie = ((max_r == row_max) & (ranks < owner)).any(0)
+    own_top1 = top1_r.gather(0, owner[None]).squeeze(0) > 0
+    is_top1 = own_top1 & in_range & (target >= row_max) & ~earlier_tie
+    return logp, lse, torch.stack([mean, entropy, log_sum_sq, is_top1.to(mean.dtype)])
+
+
+def shard_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, start: int,
+                  with_stats: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The shard's kernels: (partials (K, N, T) at positions, local labels (N, T))."""
+    local = local_labels(labels, ignore_index, start, logits.shape[2])
+    token_logps, lse, stats = _ops.logps_forward(logits, local, LOCAL_IGNORE, shift, with_stats, with_max=True)
+    return partials(token_logps, _ops.rows_to_positions(lse, shift), stats, local), local
+
+
+def combine_positions(gathered: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool,
+                      vocab_shard: int, with_stats: bool):
+    """``combine`` on (N, T) positions: (token_logps (N, T), lse (N, T) per row, stats (4, N, T) or None), 0 where
+    no valid row scores a position, as ``_ops.logps_forward`` returns them."""
+    logp, lse, stats = combine(gathered, labels, vocab_shard, with_stats)
+    valid = _ops.valid_positions(labels, ignore_index, shift)
+    token_logps = torch.where(valid, logp, 0.0)
+    lse_rows = _ops.positions_to_rows(torch.where(valid, lse, 0.0), shift)
+    if stats is not None:
+        stats = torch.where(valid, stats, 0.0)
+    return token_logps, lse_rows, stats

@@ -1,0 +1,118 @@
+"""Data-parallel training steps on CPU (gloo, 2 ranks): a tiny Llama under DDP and under FSDP2 (``fully_shard``),
+its DPO loss computed three ways (``dpo_loss`` on the wrapped model's logits, ``policy_dpo_loss``, ``policy_logps``
+then ``dpo_loss_from_logps``), each rank holding half of the global batch. Two SGD steps; after each backward the
+gradients (FSDP2's gathered from their shards) equal those of one process on the whole batch, and the loss
+averaged over the ranks equals its loss. Tolerances: fp32, the same sums associated differently (per rank, then
+averaged by the wrapper)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+
+import fastdpo  # noqa: E402
+from dist_utils import run_ranks  # noqa: E402
+from trl_utils import tiny_llama  # noqa: E402
+
+V, B, T = 64, 4, 10  # 4 pairs: 2 per rank
+REF_C = torch.tensor([-30.0, -28.0, -31.0, -29.5])
+REF_R = torch.tensor([-29.0, -30.5, -30.0, -31.0])
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (2 * B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[B + 2, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    return ids, mask, labels
+
+
+def _local(x, rank, world):
+    """This rank's pairs of a (2B, ...) batch (chosen rows, then the same pairs' rejected rows)."""
+    per = B // world
+    return torch.cat([x[rank * per:(rank + 1) * per], x[B + rank * per:B + (rank + 1) * per]])
+
+
+def _loss(way, model, ids, mask, labels, ref_c, ref_r):
+    if way == "logits":
+        return fastdpo.dpo_loss(model(input_ids=ids, attention_mask=mask).logits, labels, ref_c, ref_r).loss
+    if way == "linear":
+        return fastdpo.policy_dpo_loss(model, ids, mask, labels, ref_c, ref_r, chunk_bytes=3 * V * 4).loss
+    lp = fastdpo.policy_logps(model, ids, mask, labels).logps
+    n = lp.shape[0] // 2
+    return fastdpo.dpo_loss_from_logps(lp[:n], lp[n:], ref_c, ref_r)
+
+
+def _grads(model):
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is not None and hasattr(g, "full_tensor"):  # FSDP2: a DTensor sharded over the ranks
+            g = g.full_tensor()
+        out[name.replace("_fsdp_wrapped_module.", "").replace("module.", "")] = None if g is None else g.detach()
+    return out
+
+
+def _steps(rank, world, wrap, way, tie):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids, mask, labels = _batch()
+    single = tiny_llama(V, seed=0, tie=tie)
+    model = tiny_llama(V, seed=0, tie=tie)
+    if wrap == "ddp":
+        model = DistributedDataParallel(model)
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        if wrap == "fsdp2_head":  # the LM head a unit of its own: still sharded (a DTensor) inside the forward
+            fully_shard(model.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (single, model)]
+    for step in range(2):
+        expected = _loss(way, single, ids, mask, labels, REF_C, REF_R)
+        expected.backward()
+        loss = _loss(way, model, *(_local(x, rank, world) for x in (ids, mask, labels, REF_C, REF_R)))
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total / world, expected.detach(), rtol=1e-5, atol=1e-6)
+        want, got = _grads(single), _grads(model)
+        assert set(want) == set(got), (sorted(want), sorted(got))
+        for name, g in want.items():
+            scale = max(1.0, g.abs().max().item())
+            torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m, name=name: f"step {step} {name}: {m}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("wrap,tie", [("ddp", False), ("fsdp2", True), ("fsdp2_head", False)])
+@pytest.mark.parametrize("way", ["logits", "linear", "logps"])
+def test_data_parallel_step(wrap, way, tie):
+    run_ranks(_steps, 2, wrap, way, tie, env={"FASTDPO_BACKEND": "torch"})
+
+
+def _dtensor_refused(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    weight = distribute_tensor(torch.randn(V, 8), mesh, [Shard(0)])
+    with pytest.raises(TypeError, match="weight is a DTensor.*policy_dpo_loss"):
+        fastdpo.linear_dpo_loss(torch.randn(2, 5, 8), weight, labels)
+    logits = distribute_tensor(torch.randn(2, 5, V), mesh, [Shard(2)])
+    with pytest.raises(TypeError, match="logits is a DTensor.*to_local"):
+        fastdpo.sequence_logps(logits, labels)
+
+
+def test_dtensor_inputs_refused_with_what_to_do():
+    run_ranks(_dtensor_refused, 2)
