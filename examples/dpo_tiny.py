@@ -3,7 +3,8 @@
     python examples/dpo_tiny.py [--steps 30]
 
 The reference log-probs are computed once and stored (``precompute_reference_logps``); each training step
-runs the policy's backbone and ``fastdpo.linear_dpo_loss`` on its LM head, so no logits are ever built.
+runs ``fastdpo.policy_dpo_loss``: the policy's backbone and the fused-linear loss on its LM head, inside the
+model's forward (so the same step works under DDP or FSDP2), and no logits are ever built.
 Chosen completions use the first half of the vocabulary, rejected ones the second: the reward margin grows
 as the policy learns that.
 """
@@ -33,9 +34,8 @@ def make_data(tok, n=32, seed=0):
 
 
 def dpo_step(policy, batch, ref_chosen, ref_rejected, optimizer, beta=0.1):
-    hidden = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    out = fastdpo.linear_dpo_loss(hidden, policy.lm_head.weight, batch["labels"], ref_chosen, ref_rejected,
-                                  beta=beta)
+    out = fastdpo.policy_dpo_loss(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_chosen,
+                                  ref_rejected, beta=beta)
     optimizer.zero_grad()
     out.loss.backward()
     optimizer.step()

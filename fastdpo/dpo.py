@@ -138,14 +138,16 @@ class DPOLoss(torch.nn.Module):
     ``dpo_loss`` with its options fixed at construction."""
 
     def __init__(self, *, ignore_index: int = -100, shift: bool = True, inplace_backward: bool = False,
-                 **options):
+                 process_group=None, **options):
         super().__init__()
         self.config = DPOLossConfig(**options)
         self.ignore_index, self.shift, self.inplace_backward = ignore_index, shift, inplace_backward
+        self.process_group = process_group
 
     def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> DPOLossOutput:
         return dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, config=self.config,
-                        ignore_index=self.ignore_index, shift=self.shift, inplace_backward=self.inplace_backward)
+                        ignore_index=self.ignore_index, shift=self.shift, inplace_backward=self.inplace_backward,
+                        process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return repr(self.config)

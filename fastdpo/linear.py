@@ -557,11 +557,11 @@ class LinearDPOLoss(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, shift: bool = True, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, temperature: float = 1.0, chunk_bytes: Optional[int] = None,
-                 lean: bool = False, **options):
+                 lean: bool = False, process_group=None, **options):
         super().__init__()
         self.config = DPOLossConfig(**options)
         self.kwargs = dict(ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
-                           temperature=temperature, chunk_bytes=chunk_bytes, lean=lean)
+                           temperature=temperature, chunk_bytes=chunk_bytes, lean=lean, process_group=process_group)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None,
                 bias=None) -> DPOLossOutput:

@@ -5,6 +5,8 @@ gradients (FSDP2's gathered from their shards) equal those of one process on the
 averaged over the ranks equals its loss. Tolerances: fp32, the same sums associated differently (per rank, then
 averaged by the wrapper)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -116,3 +118,49 @@ def _dtensor_refused(rank, world):
 
 def test_dtensor_inputs_refused_with_what_to_do():
     run_ranks(_dtensor_refused, 2)
+
+
+def _trl_ranks(rank, world, out):
+    """TRL's DPOTrainer over accelerate's multi-process CPU setup (DDP on gloo), as shipped and patched: the same
+    logged rows and weights after 2 steps, and fastdpo (not TRL's chunked function) computed the patched run."""
+    import copy
+
+    from trl.kernels import chunked_logprob
+
+    import fastdpo.integrations.trl as fdt
+    from trl_utils import dpo_trainer, perturb, tiny_llama, tiny_tokenizer
+
+    calls = {"n": 0}
+    original = chunked_logprob.ChunkedLogProbFunction.forward
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+    chunked_logprob.ChunkedLogProbFunction.forward = staticmethod(spy)
+    runs = {}
+    for patched in (False, True):
+        model = tiny_llama(len(tiny_tokenizer()))
+        ref = copy.deepcopy(model)
+        perturb(model)
+        before = calls["n"]
+        with fdt.patched() if patched else contextlib.nullcontext():
+            trainer = dpo_trainer(f"{out}/{patched}", model=model, ref_model=ref, per_device_train_batch_size=2,
+                                  max_steps=2, learning_rate=1e-2)
+            assert trainer.accelerator.num_processes == world
+            trainer.train()
+            assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+        assert (calls["n"] == before) == patched, (patched, calls)
+        runs[patched] = ([h for h in trainer.state.log_history if "loss" in h],
+                         {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    (logs_a, w_a), (logs_b, w_b) = runs[False], runs[True]
+    assert len(logs_a) == len(logs_b) == 2
+    for a, b in zip(logs_a, logs_b):
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (k, v, b[k])
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_trl_patch_multi_process(tmp_path):
+    pytest.importorskip("trl")
+    run_ranks(_trl_ranks, 2, str(tmp_path), init=False)

@@ -201,3 +201,45 @@ def test_process_group_type():
     with pytest.raises(TypeError, match="process_group must be"):
         fastdpo.linear_dpo_loss(torch.randn(2, 4, 3), torch.randn(10, 3), labels, process_group=0)
     assert math.isfinite(fastdpo.dpo_loss(logits, labels).loss.item())  # None: the ordinary op
+
+
+def _traffic(rank, world):
+    """What crosses the network, counted by spying on the collectives: per call one all-gather of 3 int64 (the
+    split check) and one of K fp32 per position (logits ops) or per completion token (fused linear); nothing in
+    the logits ops' backward; the fused-linear hidden-state gradient all-reduced once."""
+    import fastdpo._vocab as vocab
+
+    sent = []
+    gather, reduce_ = vocab._all_gather, dist.all_reduce
+
+    def spy_gather(out, src, group):
+        sent.append(("all_gather", src.dtype, src.numel()))
+        return gather(out, src, group)
+
+    def spy_reduce(x, group=None):
+        sent.append(("all_reduce", x.dtype, x.numel()))
+        return reduce_(x, group=group)
+    vocab._all_gather, vocab.dist.all_reduce = spy_gather, spy_reduce
+    try:
+        group = dist.group.WORLD
+        logits, labels = _batch(world)
+        part = _shard(logits, rank).clone().requires_grad_()
+        check = ("all_gather", torch.int64, 3)
+        fastdpo.sequence_logps(part, labels, process_group=group).logps.sum().backward()
+        assert sent == [check, ("all_gather", torch.float32, 2 * N * T)], sent
+        sent.clear()
+        fastdpo.dpo_loss(part, labels, process_group=group).loss.backward()
+        assert sent == [check, ("all_gather", torch.float32, 7 * N * T)], sent
+        sent.clear()
+        H = 8
+        hidden = torch.randn(N, T, H, requires_grad=True)
+        weight = torch.randn(VP, H, requires_grad=True)
+        M = int((labels[:, 1:] != -100).sum())  # completion tokens
+        fastdpo.linear_dpo_loss(hidden, weight, labels, process_group=group).loss.backward()
+        assert sent == [check, ("all_gather", torch.float32, 7 * M), ("all_reduce", torch.float32, N * T * H)], sent
+    finally:
+        vocab._all_gather, vocab.dist.all_reduce = gather, reduce_
+
+
+def test_vocab_parallel_traffic():
+    run_ranks(_traffic, 2)
