@@ -39,3 +39,13 @@ def test_rows_report_their_share_of_the_measured_ceilings():
     assert round(linear_row["percent_of_measured_gemm"]) == 81
     table = markdown_table([logits_row, linear_row])
     assert "of measured ceiling" in table and "91% bw" in table and "81% GEMM" in table
+
+
+def test_vocab_parallel_benchmark_runs_tiny():
+    """``python -m benchmarks.vocab_parallel`` at a tiny size: both ops, 2 gloo ranks, bytes as README states."""
+    from benchmarks import vocab_parallel
+
+    rows = vocab_parallel.main(["--shape", "2,16,100", "--repeat", "1"])
+    assert [r["op"] for r in rows] == ["dpo_loss", "sequence_logps"]
+    assert [r["bytes_sent_per_rank"] for r in rows] == [24 + 7 * 4 * 32, 24 + 2 * 4 * 32]
+    assert all(r["sharded_ms"] > 0 and r["single_ms"] > 0 for r in rows)
