@@ -2,8 +2,9 @@
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out FILE.json] [--only KEY=V1,V2 ...]
 
-Each case runs in a fresh process (``benchmarks.runner``). Prints a table as cases finish, writes the JSON
-(default ``benchmarks/results/<device>-<date>.json``) and PNG plots beside it.
+One process per implementation runs its cases one after another (``benchmarks.runner``: imports and compiler
+caches paid once, each case measured in isolation). Prints a table as cases finish, writes the JSON (default
+``benchmarks/results/<device>-<date>.json``) and PNG plots beside it.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 
 from benchmarks import cases as C
 
@@ -46,24 +48,66 @@ def describe_device(device: str) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def run_case(case, repeats: int, timeout: int) -> dict:
-    why = C.unavailable(case)
-    if why:
-        return {**case, "skipped": why}
-    if case["op"] == "linear_dpo_loss" and case["device"] == "cpu":
-        repeats = 1  # 10-40 s a run on 2 cores; the memory run before it warms up
-    cmd = [sys.executable, "-m", "benchmarks.runner", json.dumps(case), "--repeats", str(repeats)]
+def case_repeats(case, repeats: int) -> int:
+    """Timed calls of a case: the fused-linear op on CPU (10-30 s a call on 2 cores) times its first call, the one
+    that also measures memory."""
+    return 0 if case["op"] == "linear_dpo_loss" and case["device"] == "cpu" else repeats
+
+
+def groups(cases) -> list:
+    """Cases by implementation, in the order they first appear: one process each."""
+    out = {}
+    for case in cases:
+        out.setdefault(case["impl"], []).append(case)
+    return list(out.values())
+
+
+def run_group(cases, repeats: int, timeout: int):
+    """Runs ``cases`` (one implementation) in one runner process; yields each row as it finishes. ``timeout`` is
+    per case: the process is killed when the group's total runs out. Cases that cannot run here, and those a
+    crashed or killed process did not reach, come back as skipped with the reason."""
+    runnable = []
+    for case in cases:
+        why = C.unavailable(case)
+        if why:
+            yield {**case, "skipped": why}
+        else:
+            runnable.append({**case, "repeats": case_repeats(case, repeats)})
+    if not runnable:
+        return
+    cmd = [sys.executable, "-m", "benchmarks.runner", json.dumps(runnable), "--repeats", str(repeats)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr = []
+    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    drain.start()
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        proc.kill()
+    timer = threading.Timer(timeout * len(runnable), kill)
+    timer.start()
+    done = 0
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**case, "skipped": f"timed out after {timeout} s"}
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {**case, "skipped": f"failed: {err[:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        for line in proc.stdout:
+            if line.startswith("{"):
+                row = json.loads(line)
+                done += 1
+                yield row
+        proc.wait()
+    finally:
+        timer.cancel()
+    drain.join(timeout=5)
+    if done < len(runnable):
+        last = (("".join(stderr).strip().splitlines() or ["?"])[-1])[:200]
+        why = f"timed out after {timeout} s a case" if killed.is_set() else f"failed: {last}"
+        for case in runnable[done:]:
+            case = dict(case)
+            case.pop("repeats")
+            yield {**case, "skipped": why}
 
 
 def add_ratios(results):
@@ -244,14 +288,15 @@ def main(argv=None) -> int:
               f"{ceilings['gemm_tflops']:.2f} TFLOP/s ({ceilings['gemm']})", flush=True)
     print(HEADER, flush=True)
     results = []
-    for i, case in enumerate(cases, 1):
-        r = run_case(case, repeats, a.timeout)
-        r["shape"] = f"{case['N']}x{case['T']}x{case['V']}" + (f" (H={C.LINEAR_H})" if case["op"] == "linear_dpo_loss"
-                                                                else "")
-        add_ceiling_shares(r, ceilings)
-        results.append(r)
-        add_ratios(results)
-        print(f"{fmt_row(r)}   [{i}/{len(cases)}]", flush=True)
+    for group in groups(cases):
+        for r in run_group(group, repeats, a.timeout):
+            r["shape"] = f"{r['N']}x{r['T']}x{r['V']}" + (f" (H={C.LINEAR_H})" if r["op"] == "linear_dpo_loss" else "")
+            add_ceiling_shares(r, ceilings)
+            results.append(r)
+            add_ratios(results)
+            print(f"{fmt_row(r)}   [{len(results)}/{len(cases)}]", flush=True)
+    order = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cases)}
+    results.sort(key=lambda r: order.get(json.dumps({k: r[k] for k in cases[0]}, sort_keys=True), len(order)))
     doc = {"device": dev, "device_type": device, "mode": mode_name, "versions": versions(), "date": date,
            "ceilings": ceilings,
            "byte_model": "forward: logits bytes; forward+backward: 3x logits bytes (read, read, write grad)",

@@ -1,6 +1,6 @@
 """The suite's cases through pytest-benchmark: ``pytest benchmarks/ --benchmark-only``.
 
-Times only (peak memory needs a fresh process per case: ``python -m benchmarks``). Shapes are CPU-sized;
+Times only (peak memory: ``python -m benchmarks``). Shapes are CPU-sized;
 on a CUDA machine the same cases run on the GPU.
 """
 

@@ -49,3 +49,27 @@ def test_vocab_parallel_benchmark_runs_tiny():
     assert [r["op"] for r in rows] == ["dpo_loss", "sequence_logps"]
     assert [r["bytes_sent_per_rank"] for r in rows] == [24 + 7 * 4 * 32, 24 + 2 * 4 * 32]
     assert all(r["sharded_ms"] > 0 and r["single_ms"] > 0 for r in rows)
+
+
+def test_one_process_per_implementation():
+    from benchmarks.__main__ import groups
+
+    cases = C.default_cases("cuda", "default")
+    got = groups(cases)
+    assert len(got) == len({c["impl"] for c in cases})
+    assert all(len({c["impl"] for c in g}) == 1 for g in got)
+    assert sorted(map(str, (c for g in got for c in g))) == sorted(map(str, cases))
+
+
+def test_a_group_streams_its_rows_and_a_failing_case_loses_no_other():
+    """One runner process for three tiny cases; the middle one fails inside (an unknown dtype): its row says so,
+    the others are measured, in order."""
+    from benchmarks.__main__ import run_group
+
+    base = {"impl": "fastdpo", "variant": "", "N": 2, "T": 8, "V": 64, "dtype": "float32", "device": "cpu"}
+    cases = [{**base, "op": "dpo_loss"}, {**base, "op": "sequence_logps", "dtype": "int7"},
+             {**base, "op": "sequence_logps"}]
+    rows = list(run_group(cases, repeats=1, timeout=120))
+    assert [r["op"] for r in rows] == ["dpo_loss", "sequence_logps", "sequence_logps"]
+    assert rows[0]["median_ms"] > 0 and rows[2]["median_ms"] > 0 and rows[0]["repeats"] == 1
+    assert rows[1]["skipped"].startswith("failed: KeyError")
