@@ -120,9 +120,10 @@ def test_dtensor_inputs_refused_with_what_to_do():
     run_ranks(_dtensor_refused, 2)
 
 
-def _trl_ranks(rank, world, out):
-    """TRL's DPOTrainer over accelerate's multi-process CPU setup (DDP on gloo), as shipped and patched: the same
-    logged rows and weights after 2 steps, and fastdpo (not TRL's chunked function) computed the patched run."""
+def _trl_ranks(rank, world, out, fsdp=False):
+    """TRL's DPOTrainer over accelerate's multi-process setup, as shipped and patched: the same logged rows and
+    weights after 2 steps, and fastdpo (not TRL's chunked function) computed the patched run. CPU: DDP on gloo.
+    ``fsdp``: accelerate's FSDP2 (GPUs only: accelerate enables FSDP for GPU process groups alone)."""
     import copy
 
     from trl.kernels import chunked_logprob
@@ -144,11 +145,17 @@ def _trl_ranks(rank, world, out):
         perturb(model)
         before = calls["n"]
         with fdt.patched() if patched else contextlib.nullcontext():
+            extra = dict(fsdp="full_shard", use_cpu=False,
+                         fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+                         ) if fsdp else {}
             trainer = dpo_trainer(f"{out}/{patched}", model=model, ref_model=ref, per_device_train_batch_size=2,
-                                  max_steps=2, learning_rate=1e-2)
+                                  max_steps=2, learning_rate=1e-2, **extra)
             assert trainer.accelerator.num_processes == world
             trainer.train()
-            assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+            if fsdp:
+                assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP")
+            else:
+                assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
         assert (calls["n"] == before) == patched, (patched, calls)
         runs[patched] = ([h for h in trainer.state.log_history if "loss" in h],
                          {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
@@ -158,7 +165,8 @@ def _trl_ranks(rank, world, out):
         for k, v in a.items():
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (k, v, b[k])
     for k in w_a:
-        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-5, msg=k)
+        a_k, b_k = (w.full_tensor() if hasattr(w, "full_tensor") else w for w in (w_a[k], w_b[k]))
+        torch.testing.assert_close(b_k, a_k, rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_trl_patch_multi_process(tmp_path):

@@ -208,3 +208,40 @@ def test_dpo_step_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(static, eager):
         assert torch.equal(a, b)
+
+
+@cuda_only
+def test_vocab_parallel_on_a_one_gpu_nccl_group(tmp_path):
+    """process_group= over NCCL: a group of one GPU holds the whole vocabulary, so every output and gradient is
+    the ordinary op's (the multi-rank maths is held to the single-process op over gloo in test_vocab_parallel)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        g = dist.new_group([0])
+        logits, labels = make_batch(4, 64, 32000, torch.bfloat16, mask="prompt")
+        logits, labels = logits.cuda(), labels.cuda()
+        ref_c, ref_r = torch.tensor([-20.0, -25.0], device="cuda"), torch.tensor([-22.0, -21.0], device="cuda")
+        outs = []
+        for group in (None, g):
+            x = logits.clone().requires_grad_()
+            out = fastdpo.dpo_loss(x, labels, ref_c, ref_r, process_group=group)
+            out.loss.backward()
+            outs.append((out.loss, out.metrics, x.grad))
+        (la, ma, ga), (lb, mb, gb) = outs
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+        for k in ma:
+            torch.testing.assert_close(mb[k], ma[k], rtol=1e-5, atol=1e-4, msg=k)
+        torch.testing.assert_close(gb.float(), ga.float(), rtol=2 ** -7, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@cuda_only
+def test_trl_patch_under_accelerate_fsdp2(tmp_path):
+    """TRL's DPOTrainer with accelerate's FSDP2 on one GPU, as shipped and patched: the same logs and weights."""
+    from dist_utils import run_ranks
+    from test_data_parallel import _trl_ranks
+
+    run_ranks(_trl_ranks, 1, str(tmp_path), True, init=False,
+              env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FASTDPO_BACKEND": "auto"})
