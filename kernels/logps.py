@@ -152,7 +152,7 @@ def _sequence_logps_fwd_kernel(
     stride_ln, stride_lt,
     ignore_index,
     shift,  # 0 or 1
-    with_max,  # 0 or 1: a runtime branch around one store, not a compiled variant
+    with_max,  # 0 or 1: a runtime mask on one store, not a compiled variant (a branch there spilled on 3.6)
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
     WITH_STATS: tl.constexpr,
@@ -209,8 +209,7 @@ def _sequence_logps_fwd_kernel(
         tl.store(stats_ptr + 2 * n_rows + pos, tl.where(valid, (tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0),
                  mask=in_bounds)
         tl.store(stats_ptr + 3 * n_rows + pos, tl.where(valid, is_top1, 0.0), mask=in_bounds)
-        if with_max != 0:
-            tl.store(stats_ptr + 4 * n_rows + pos, tl.where(valid, m, 0.0), mask=in_bounds)
+        tl.store(stats_ptr + 4 * n_rows + pos, tl.where(valid, m, 0.0), mask=in_bounds & (rows * 0 + with_max > 0))
 
 
 @triton.jit
