@@ -48,7 +48,7 @@ def positions_to_rows(pos: torch.Tensor, shift: bool) -> torch.Tensor:
 
 # Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``; ``with_max`` adds a fifth, the row
 # maximum (a vocabulary shard's share of the global is_top1, see ``fastdpo._vocab``).
-MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1, ROW_MAX = range(5)
+MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1 = range(4)
 
 
 def named_token_stats(stats: torch.Tensor) -> dict:

@@ -60,6 +60,7 @@ def check_split(group, vocab_shard: int, rows: Tuple[int, ...], like: torch.Tens
     """(rank, size) in ``group``, after checking with one small all-gather that every rank holds a shard of the
     same vocabulary size and the same rows: a different split raises on every rank, before any kernel runs (the
     one host read of a vocabulary-parallel call)."""
+    check_group(group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     mine = torch.tensor([vocab_shard, *rows], dtype=torch.int64, device=_comm_device(group, like))
     every = torch.empty(size * mine.numel(), dtype=torch.int64, device=mine.device)

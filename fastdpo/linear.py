@@ -79,7 +79,8 @@ class LogitOptions:
         return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
 
 
-def _check_linear(hidden, weight, labels, bias, ignore_index, vocab_size=None):
+def _check_linear(hidden, weight, labels, bias, ignore_index):
+    """Everything but the labels' range (``_shard``, once the vocabulary size is known)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -108,7 +109,6 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, vocab_size=None):
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_label_range(labels, weight.shape[0] if vocab_size is None else vocab_size, ignore_index)
 
 
 class _Shard:
@@ -117,7 +117,6 @@ class _Shard:
     last chunk; the hidden-state gradient is summed over the group."""
 
     def __init__(self, process_group, hidden, weight, labels):
-        _vocab.check_group(process_group)
         self.group = process_group
         self.Vp = weight.shape[0]
         rank, self.size = _vocab.check_split(process_group, self.Vp, tuple(labels.shape), hidden, "weight")
@@ -133,8 +132,51 @@ class _Shard:
         return _vocab.combine(_vocab.gather(parts, self.group, self.size), targets, self.Vp, with_stats)
 
 
-def _shard(process_group, hidden, weight, labels):
-    return None if process_group is None else _Shard(process_group, hidden, weight, labels)
+def _shard(process_group, hidden, weight, labels, ignore_index):
+    """After every other check (a rank that raised there would leave the others waiting in the collective): the
+    vocabulary shard (None without a group), then the labels' range over the whole vocabulary."""
+    shard = None if process_group is None else _Shard(process_group, hidden, weight, labels)
+    check_label_range(labels, weight.shape[0] if shard is None else shard.vocab_size, ignore_index)
+    return shard
+
+
+class _Rows:
+    """The forward's per-row outputs of the completion rows ``idx`` (flat indices into N * T), filled chunk by
+    chunk: log-probs (N * T,), lse (M,), statistics (4, N * T) or None. With a vocabulary shard the kernels run on
+    local targets and each chunk's partials are kept; ``finish`` gathers and combines them, once."""
+
+    def __init__(self, head, idx, targets, N, T, cdt, with_stats, shard):
+        dev = idx.device
+        self.head, self.idx, self.targets, self.with_stats, self.shard = head, idx, targets, with_stats, shard
+        self.kernel_targets = targets if shard is None else shard.local(targets)
+        self.row_logps = torch.zeros(N * T, dtype=cdt, device=dev)
+        self.lse = torch.zeros(idx.numel(), dtype=cdt, device=dev)
+        self.stats = torch.zeros(4, N * T, dtype=cdt, device=dev) if with_stats else None
+        self.parts = None
+        if shard is not None:
+            K = _vocab.K_STATS if with_stats else _vocab.K_PLAIN
+            self.parts = torch.zeros(K, idx.numel(), dtype=cdt, device=dev)
+
+    def forward_chunk(self, sl):
+        """Completion rows ``sl`` through the head and the log-prob kernel; returns the chunk's (h, logits)."""
+        idx = self.idx[sl]
+        h, z = self.head.logits(idx)
+        rl, self.lse[sl], st = self.head.forward_rows(z, self.kernel_targets[sl], self.with_stats,
+                                                      with_max=self.shard is not None)
+        if self.shard is not None:
+            self.parts[:, sl] = _vocab.partials(rl, self.lse[sl], st, self.kernel_targets[sl])
+        else:
+            self.row_logps[idx] = rl
+            if st is not None:
+                self.stats[:, idx] = st
+        return h, z
+
+    def finish(self):
+        """With a shard: every shard's partials of every row, gathered (one all-gather) and combined."""
+        if self.shard is not None:
+            self.row_logps[self.idx], self.lse, st = self.shard.combine(self.parts, self.targets, self.with_stats)
+            if st is not None:
+                self.stats[:, self.idx] = st
 
 
 class _Head:
@@ -272,35 +314,18 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, shift, average, opts, chunk_bytes, with_stats,
                 lean=False, process_group=None):
-        shard = _shard(process_group, hidden, weight, labels)
-        _check_linear(hidden, weight, labels, bias, ignore_index, None if shard is None else shard.vocab_size)
+        _check_linear(hidden, weight, labels, bias, ignore_index)
+        shard = _shard(process_group, hidden, weight, labels, ignore_index)
         N, T, _ = hidden.shape
         head = _Head(hidden, weight, bias, opts, chunk_bytes)
         idx, targets, valid, _ = _completion_rows(labels, ignore_index, shift, pair_major=False)
         cdt = torch.float64 if head.cdt == torch.float64 else torch.float32
-        row_logps = torch.zeros(N * T, dtype=cdt, device=hidden.device)
-        lse = torch.zeros(idx.numel(), dtype=cdt, device=hidden.device)
-        stats = torch.zeros(4, N * T, dtype=cdt, device=hidden.device) if with_stats else None
-        kernel_targets = targets if shard is None else shard.local(targets)
-        parts = None
-        if shard is not None:
-            parts = torch.zeros(_vocab.K_STATS if with_stats else _vocab.K_PLAIN, idx.numel(), dtype=cdt,
-                                device=hidden.device)
+        rows = _Rows(head, idx, targets, N, T, cdt, with_stats, shard)
         for r0 in range(0, idx.numel(), head.chunk_rows):
-            sl = slice(r0, r0 + head.chunk_rows)
-            _, z = head.logits(idx[sl])
-            rl, lse[sl], st = head.forward_rows(z, kernel_targets[sl], with_stats, with_max=shard is not None)
-            if shard is not None:
-                parts[:, sl] = _vocab.partials(rl, lse[sl], st, kernel_targets[sl])
-                continue
-            row_logps[idx[sl]] = rl
-            if with_stats:
-                stats[:, idx[sl]] = st
-        if shard is not None:
-            row_logps[idx], lse, st = shard.combine(parts, targets, with_stats)
-            if with_stats:
-                stats[:, idx] = st
-        token_logps = _ops.rows_to_positions(row_logps.view(N, T), shift)
+            rows.forward_chunk(slice(r0, r0 + head.chunk_rows))
+        rows.finish()
+        stats = rows.stats
+        token_logps = _ops.rows_to_positions(rows.row_logps.view(N, T), shift)
         num_tokens = valid.sum(1)
         logps = token_logps.sum(1)
         if average:
@@ -309,7 +334,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
                  else torch.zeros(0, device=hidden.device))
         ctx.mark_non_differentiable(num_tokens, stats)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, labels, idx, kernel_targets, lse, num_tokens)
+        ctx.save_for_backward(hidden, weight, bias, labels, idx, rows.kernel_targets, rows.lse, num_tokens)
         ctx.options = (ignore_index, shift, average, opts, chunk_bytes, lean, shard)
         return logps, token_logps, num_tokens, stats
 
@@ -389,8 +414,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index,
                 shift, opts, chunk_bytes, lean=False, process_group=None):
-        shard = _shard(process_group, hidden, weight, labels)
-        _check_linear(hidden, weight, labels, bias, ignore_index, None if shard is None else shard.vocab_size)
+        _check_linear(hidden, weight, labels, bias, ignore_index)
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
         N, T, _ = hidden.shape
@@ -408,18 +432,16 @@ class LinearDPOLossFunction(torch.autograd.Function):
             ref_c = _reference(ref_chosen_logps, "ref_chosen_logps", B, like, cdt)
             ref_r = _reference(ref_rejected_logps, "ref_rejected_logps", B, like, cdt)
         p = _head.params(config)
+        shard = _shard(process_group, hidden, weight, labels, ignore_index)
 
         idx, targets, valid_rows, per_seq = _completion_rows(labels, ignore_index, shift, pair_major=True)
-        kernel_targets = targets if shard is None else shard.local(targets)
         valid_pos = _ops.rows_to_positions(valid_rows, shift)
         num_tokens = valid_pos.sum(1)
         token_w = None
         if config.ld_alpha is not None:
             token_w = _ops.positions_to_rows(ld_token_weights(valid_pos, config.ld_alpha), shift).reshape(-1)
         seq_of_row = idx // T  # the sequence of each completion row
-        row_logps = torch.zeros(N * T, dtype=cdt, device=dev)
-        lse = torch.zeros(idx.numel(), dtype=cdt, device=dev)
-        stats = torch.zeros(4, N * T, dtype=cdt, device=dev)
+        rows = _Rows(head, idx, targets, N, T, cdt, True, shard)
         # per-sequence numbers the head reads, filled in as the sequences' chunks are done
         logps = torch.zeros(N, dtype=cdt, device=dev)
         sums = torch.zeros(N, dtype=cdt, device=dev) if token_w is not None else logps
@@ -429,11 +451,11 @@ class LinearDPOLossFunction(torch.autograd.Function):
 
         def fill_sequences(seqs):
             """Per-sequence log-probs, unweighted sums and statistics of the sequences ``seqs``."""
-            rows = row_logps.view(N, T)[seqs]
-            logps[seqs] = (rows * token_w.view(N, T)[seqs]).sum(1) if token_w is not None else rows.sum(1)
+            lp = rows.row_logps.view(N, T)[seqs]
+            logps[seqs] = (lp * token_w.view(N, T)[seqs]).sum(1) if token_w is not None else lp.sum(1)
             if token_w is not None:
-                sums[seqs] = rows.sum(1)
-            seq_stats[:, seqs] = stats.view(4, N, T)[:, seqs].sum(2)
+                sums[seqs] = lp.sum(1)
+            seq_stats[:, seqs] = rows.stats.view(4, N, T)[:, seqs].sum(2)
 
         def head_on_pairs(p0, p1):
             """Loss share of pairs [p0, p1) and the coefficient of each completion row of theirs."""
@@ -453,20 +475,8 @@ class LinearDPOLossFunction(torch.autograd.Function):
                 return coef[s]
             return coef[s] * token_w[idx[sl]] + token[s]
 
-        parts = None if shard is None else torch.zeros(_vocab.K_STATS, idx.numel(), dtype=cdt, device=dev)
-
-        def forward_chunk(sl):
-            h, z = head.logits(idx[sl])
-            rl, lse[sl], st = head.forward_rows(z, kernel_targets[sl], True, with_max=shard is not None)
-            if shard is not None:  # combined after the last chunk
-                parts[:, sl] = _vocab.partials(rl, lse[sl], st, kernel_targets[sl])
-                return h, z
-            row_logps[idx[sl]] = rl
-            stats[:, idx[sl]] = st
-            return h, z
-
         def backward_chunk(sl, h, z, coef):
-            head.accumulate(idx[sl], h, head.backward_rows(z, kernel_targets[sl], lse[sl], coef), grads)
+            head.accumulate(idx[sl], h, head.backward_rows(z, rows.kernel_targets[sl], rows.lse[sl], coef), grads)
 
         rows_per_pair = [per_seq[b] + per_seq[B + b] for b in range(B)]
         grouped = (want_grad and not lean and shard is None and pair_local(config)
@@ -480,7 +490,7 @@ class LinearDPOLossFunction(torch.autograd.Function):
                     r1 += rows_per_pair[p1]
                     p1 += 1
                 sl = slice(r0, r1)
-                h, z = forward_chunk(sl)
+                h, z = rows.forward_chunk(sl)
                 loss, coef, token, rewards, metrics = head_on_pairs(p0, p1)
                 losses.append(loss)
                 if r1 > r0:
@@ -489,14 +499,13 @@ class LinearDPOLossFunction(torch.autograd.Function):
         else:  # log-probs of every chunk, the loss, then (with grad) recompute and gradients: 4 GEMMs (lean: the
             # backward in vocabulary tiles, see _vocab_tiled_backward)
             for r0 in range(0, idx.numel(), head.chunk_rows):
-                forward_chunk(slice(r0, r0 + head.chunk_rows))
-            if shard is not None:  # one all-gather: every shard's partials of every completion row
-                row_logps[idx], lse, stats[:, idx] = shard.combine(parts, targets, True)
+                rows.forward_chunk(slice(r0, r0 + head.chunk_rows))
+            rows.finish()  # with a shard: one all-gather of every completion row's partials
             loss, coef, token, rewards, metrics = head_on_pairs(0, B)
             losses.append(loss)
             if want_grad and lean:
-                _vocab_tiled_backward(head, idx, kernel_targets, lse, row_coef(slice(0, idx.numel()), coef, token), grads,
-                                      head.chunk_bytes)
+                _vocab_tiled_backward(head, idx, rows.kernel_targets, rows.lse,
+                                      row_coef(slice(0, idx.numel()), coef, token), grads, head.chunk_bytes)
             elif want_grad:
                 for r0 in range(0, idx.numel(), head.chunk_rows):
                     sl = slice(r0, r0 + head.chunk_rows)

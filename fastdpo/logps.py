@@ -62,7 +62,6 @@ class SequenceLogpsFunction(torch.autograd.Function):
 def shard_pass(logits, labels, ignore_index, shift, with_stats, process_group):
     """A vocabulary shard's forward and the one all-gather: (every shard's partials (P, K, N, T), this shard's
     local labels (N, T)); see ``fastdpo._vocab``."""
-    _vocab.check_group(process_group)
     Vp = logits.shape[2]
     rank, size = _vocab.check_split(process_group, Vp, tuple(labels.shape), logits, "logits")
     partials, local = _library.shard_forward(logits, labels, ignore_index, shift, rank * Vp, size * Vp, with_stats)
