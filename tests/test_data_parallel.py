@@ -120,10 +120,9 @@ def test_dtensor_inputs_refused_with_what_to_do():
     run_ranks(_dtensor_refused, 2)
 
 
-def _trl_ranks(rank, world, out, fsdp=False):
-    """TRL's DPOTrainer over accelerate's multi-process setup, as shipped and patched: the same logged rows and
-    weights after 2 steps, and fastdpo (not TRL's chunked function) computed the patched run. CPU: DDP on gloo.
-    ``fsdp``: accelerate's FSDP2 (GPUs only: accelerate enables FSDP for GPU process groups alone)."""
+def _trl_run(out, patched, batch, **extra):
+    """Two steps of TRL's DPOTrainer on the tiny Llama, shipped or patched: its logged rows and final weights
+    (DTensor shards gathered) and whether TRL's own chunked log-prob function ran."""
     import copy
 
     from trl.kernels import chunked_logprob
@@ -138,37 +137,103 @@ def _trl_ranks(rank, world, out, fsdp=False):
         calls["n"] += 1
         return original(*args, **kwargs)
     chunked_logprob.ChunkedLogProbFunction.forward = staticmethod(spy)
-    runs = {}
-    for patched in (False, True):
+    try:
         model = tiny_llama(len(tiny_tokenizer()))
         ref = copy.deepcopy(model)
         perturb(model)
-        before = calls["n"]
         with fdt.patched() if patched else contextlib.nullcontext():
-            extra = dict(fsdp="full_shard", use_cpu=False,
-                         fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-                         ) if fsdp else {}
-            trainer = dpo_trainer(f"{out}/{patched}", model=model, ref_model=ref, per_device_train_batch_size=2,
+            trainer = dpo_trainer(f"{out}/{patched}", model=model, ref_model=ref, per_device_train_batch_size=batch,
                                   max_steps=2, learning_rate=1e-2, **extra)
-            assert trainer.accelerator.num_processes == world
             trainer.train()
-            if fsdp:
-                assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP")
-            else:
-                assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
-        assert (calls["n"] == before) == patched, (patched, calls)
-        runs[patched] = ([h for h in trainer.state.log_history if "loss" in h],
-                         {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
-    (logs_a, w_a), (logs_b, w_b) = runs[False], runs[True]
+    finally:
+        chunked_logprob.ChunkedLogProbFunction.forward = original
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in trainer.model.state_dict().items()}
+    return trainer, [h for h in trainer.state.log_history if "loss" in h], weights, calls["n"] > 0
+
+
+def _same_run(got, want, rtol):
+    (logs_a, w_a), (logs_b, w_b) = want, got
     assert len(logs_a) == len(logs_b) == 2
     for a, b in zip(logs_a, logs_b):
         for k, v in a.items():
-            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (k, v, b[k])
+            assert b[k] == pytest.approx(v, rel=rtol, abs=1e-6), (k, v, b[k])
+    assert set(w_a) == set(w_b)
     for k in w_a:
-        a_k, b_k = (w.full_tensor() if hasattr(w, "full_tensor") else w for w in (w_a[k], w_b[k]))
-        torch.testing.assert_close(b_k, a_k, rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=rtol, atol=1e-5, msg=k)
+
+
+def _trl_ranks(rank, world, out, fsdp=False):
+    """TRL's DPOTrainer over accelerate's multi-process setup (2 pairs per rank), as shipped and patched: the same
+    logged rows and weights after 2 steps, and fastdpo (not TRL's chunked function) computed the patched run.
+    Rank 0 saves the patched run to ``out/ranks.pt`` for the caller to hold to one process on the global batch.
+    CPU: DDP on gloo. ``fsdp``: accelerate's FSDP2 (on CPU only with ``_accelerate_fsdp_on_cpu``)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    extra = dict(fsdp="full_shard", use_cpu=not torch.cuda.is_available(),
+                 fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+                 ) if fsdp else {}
+    runs = {}
+    for patched in (False, True):
+        trainer, logs, weights, trl_ran = _trl_run(out, patched, 2, **extra)
+        assert trainer.accelerator.num_processes == world
+        assert trl_ran != patched, (patched, trl_ran)
+        if fsdp:
+            assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP")
+            for name, p in trainer.model.named_parameters():  # every weight sharded over the ranks
+                assert isinstance(p, DTensor) and p.placements == (Shard(0),), name
+                assert p.device_mesh.size() == world, name
+        else:
+            assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+        runs[patched] = (logs, weights)
+    _same_run(runs[True], runs[False], rtol=1e-5)
+    if rank == 0:
+        torch.save(runs[True], f"{out}/ranks.pt")
+
+
+def _same_as_one_process(out, world):
+    """The ranks' patched run against one process patched on the same global batch (accelerate hands rank r the
+    r-th of every ``world`` consecutive batches: together the one process's batch). fp32 rounding: the gradient is
+    averaged over ranks instead of summed in one batch (weights differed by <= 2e-6 after 2 steps)."""
+    _, logs, weights, _ = _trl_run(f"{out}/one", True, 2 * world)
+    _same_run(torch.load(f"{out}/ranks.pt"), (logs, weights), rtol=1e-5)
 
 
 def test_trl_patch_multi_process(tmp_path):
+    """TRL's DPOTrainer over accelerate's CPU DDP (2 gloo ranks), shipped and patched, and one process."""
     pytest.importorskip("trl")
     run_ranks(_trl_ranks, 2, str(tmp_path), init=False)
+    _same_as_one_process(str(tmp_path), 2)
+
+
+def _accelerate_fsdp_on_cpu():
+    """accelerate enables FSDP only for GPU-like process groups: on a CPU (gloo) group its AcceleratorState drops
+    the FSDP plugin, and transformers then trains without FSDP. This lets its FSDP branch be taken on CPU: the
+    process group is reported as multi-GPU to AcceleratorState's constructor, which then sets FSDP (its last line
+    overwrites the shared distributed type). The device, the backend and everything accelerate does to prepare
+    the model (``fully_shard`` of each decoder layer, then of the root) are unchanged."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    init = state.AcceleratorState.__init__
+
+    def patched(self, *args, **kwargs):
+        shared = state.PartialState._shared_state
+        if shared.get("distributed_type") == DistributedType.MULTI_CPU:
+            shared["distributed_type"] = DistributedType.MULTI_GPU
+        init(self, *args, **kwargs)
+    state.AcceleratorState.__init__ = patched
+
+
+def _trl_fsdp_ranks(rank, world, out):
+    _accelerate_fsdp_on_cpu()
+    _trl_ranks(rank, world, out, True)
+
+
+def test_trl_patch_under_accelerate_fsdp2_on_cpu(tmp_path):
+    """TRL's DPOTrainer with accelerate's FSDP2 (2 gloo ranks, every weight a DTensor shard), shipped and patched,
+    and one process on the global batch: the same logged rows and weights after 2 steps (the GPU lane runs the
+    multi-process part over NCCL)."""
+    pytest.importorskip("trl")
+    run_ranks(_trl_fsdp_ranks, 2, str(tmp_path), init=False, env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    _same_as_one_process(str(tmp_path), 2)
