@@ -18,8 +18,11 @@ def test_only_filters_cases():
 
 
 def test_dpo_loss_has_its_peers_and_linear_its_lean_variant():
-    cases = C.default_cases("cuda", "default")
-    assert {c["impl"] for c in cases if c["op"] == "dpo_loss"} == {"naive", "naive_compiled", "trl", "liger", "fastdpo"}
+    full = C.default_cases("cuda", "full")
+    assert {c["impl"] for c in full if c["op"] == "dpo_loss"} == {"naive", "naive_compiled", "trl", "liger", "fastdpo"}
+    for mode in ("quick", "default"):  # torch.compile's compiles (one per op, dtype and shape) are --full's
+        cases = C.default_cases("cuda", mode)
+        assert {c["impl"] for c in cases if c["op"] == "dpo_loss"} == {"naive", "trl", "liger", "fastdpo"}
     assert any(c["op"] == "linear_dpo_loss" and c["variant"] == "lean" for c in cases)
 
 
@@ -73,3 +76,34 @@ def test_a_group_streams_its_rows_and_a_failing_case_loses_no_other():
     assert [r["op"] for r in rows] == ["dpo_loss", "sequence_logps", "sequence_logps"]
     assert rows[0]["median_ms"] > 0 and rows[2]["median_ms"] > 0 and rows[0]["repeats"] == 1
     assert rows[1]["skipped"].startswith("failed: KeyError")
+
+
+def test_gpu_session_script_runs_its_steps_on_cpu(tmp_path):
+    """``benchmarks/gpu_session.sh`` (what a lent GPU runs) with DEV=cpu: the project imported from its staged
+    copy (fastdpo/ with kernels/ inside, no install), the suite's rows packed for benchmarks/results/, a summary;
+    steps the budget cannot hold are reported as not run."""
+    import json
+    import os
+    import subprocess
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "gpu_session.sh")
+    env = {**os.environ, "DEV": "cpu", "OUT": str(tmp_path / "out"),
+           "SUITE_ARGS": "--quick --repeats 1 --only op=sequence_logps_fwd impl=fastdpo"}
+    done = subprocess.run(["bash", script, "env", "suite"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split(" in ")[0] for line in summary] == ["env: exit 0", "suite: exit 0"], summary
+    with tarfile.open(tmp_path / "out" / "suite.tgz") as tar:
+        names = tar.getnames()
+        doc = json.load(tar.extractfile(next(n for n in names if n.endswith(".json"))))
+    assert any(n.endswith(".md") for n in names) and doc["device_type"] == "cpu"
+    assert [(r["op"], r["impl"]) for r in doc["results"]] == [("sequence_logps_fwd", "fastdpo")]
+    assert doc["results"][0]["median_ms"] > 0
+
+    env.update(GPU_BUDGET_S="20", OUT=str(tmp_path / "out2"))
+    done = subprocess.run(["bash", script, "lane", "e2e"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out2" / "summary.txt").read_text().splitlines() == [
+        "lane: not run (budget spent)", "e2e: not run (budget spent)"]
