@@ -146,7 +146,7 @@ def _trl_run(out, patched, batch, **extra):
                                   max_steps=2, learning_rate=1e-2, **extra)
             trainer.train()
     finally:
-        chunked_logprob.ChunkedLogProbFunction.forward = original
+        chunked_logprob.ChunkedLogProbFunction.forward = staticmethod(original)
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in trainer.model.state_dict().items()}
     return trainer, [h for h in trainer.state.log_history if "loss" in h], weights, calls["n"] > 0
