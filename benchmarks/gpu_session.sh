@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run for fastdpo, in as few calls of the device tool as its 10-minute limit
 # allows, from a checkout that is not installed (the machine has torch, Triton and transformers; TRL, datasets,
-# dill, multiprocess and Liger come as wheels in .whl/, see README's "On a lent GPU"):
+# dill, multiprocess and Liger come as wheels in .whl/, see README's "Measuring on a lent GPU"):
 #
-#   bash benchmarks/gpu_session.sh lane suite     # call 1: the GPU lane, the suite's default run (timed: <= 5 min?)
+#   bash benchmarks/gpu_session.sh lane suite     # call 1: the GPU lane, the suite's default run, timed
 #   bash benchmarks/gpu_session.sh full e2e       # call 2: --full for the three ops, the end-to-end step + trainer
 #
 # Steps: env (nvidia-smi, versions), lane, suite, full, e2e. Each writes $OUT/<step>.log; the benchmark steps
