@@ -46,9 +46,10 @@ def positions_to_rows(pos: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([pos[:, 1:], pos.new_zeros((pos.shape[0], min(1, pos.shape[1])))], dim=1)
 
 
-# Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``; ``with_max`` adds a fifth, the row
-# maximum (a vocabulary shard's share of the global is_top1, see ``fastdpo._vocab``).
-MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1 = range(4)
+# Rows of the (4, N, T) ``stats`` of ``logps_forward(with_stats=True)``; ``with_max`` adds two, the row maximum
+# and the target's own logit (0 where the label is not in [0, V)): a vocabulary shard's share of the global
+# is_top1, see ``fastdpo._vocab``.
+MEAN_LOGIT, ENTROPY, LOG_SUM_SQ_PROBS, IS_TOP1, ROW_MAX, TARGET_LOGIT = range(6)
 
 
 def named_token_stats(stats: torch.Tensor) -> dict:
@@ -62,7 +63,8 @@ def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                   with_max: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (token_logps (N, T) at positions, lse (N, T) per row, stats (4, N, T) at positions or None);
     zeros where no valid row scores a position. stats: mean logit, entropy, log sum p^2, is_top1 (1.0 when the
-    label is the first argmax); with ``with_max`` (and ``with_stats``) (5, N, T), the row maximum fifth."""
+    label is the first argmax); with ``with_max`` (and ``with_stats``) (6, N, T), the row maximum and the target's
+    logit after them."""
     with_max = bool(with_max and with_stats)
     if _backend.use_triton(logits):
         return _triton_forward(logits, labels, ignore_index, shift, with_stats, with_max)
@@ -70,13 +72,49 @@ def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
 
 
 def sequence_sums(token_logps: torch.Tensor, stats: Optional[torch.Tensor], labels: torch.Tensor,
-                  ignore_index: int, shift: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Per sequence: (sum of token log-probs (N,), valid positions (N,) int64, sums of the stats (4, N) or
-    None), from ``logps_forward``'s outputs."""
+                  ignore_index: int, shift: bool, cu: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Per sequence: (sum of token log-probs (S,), valid positions (S,) int64, sums of the stats (4, S) or
+    None), from ``logps_forward``'s outputs. Sequences are the N rows, or with ``cu`` (S + 1 offsets) the segments
+    of one packed row (N = 1) whose segment starts ``mask_segment_starts`` has masked."""
     if _backend.use_triton(token_logps):
-        return _triton_sums(token_logps, stats, labels, ignore_index, shift)
-    valid = valid_positions(labels, ignore_index, shift)
-    return token_logps.sum(1), valid.sum(1), None if stats is None else stats.sum(2)
+        return _triton_sums(token_logps, stats, labels, ignore_index, shift, cu)
+    if cu is None:
+        valid = valid_positions(labels, ignore_index, shift)
+        return token_logps.sum(1), valid.sum(1), None if stats is None else stats.sum(2)
+    valid = labels[0] != ignore_index
+    counts = segment_sum(valid.long(), cu)
+    return (segment_sum(token_logps[0], cu), counts,
+            None if stats is None else segment_sum(stats[:, 0], cu))
+
+
+# ------------------------------------------------------------------------------------------- packed rows
+
+
+def segment_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: the segment of each position of a packed row (offsets outside [0, total] clamped)."""
+    cu = cu.long().clamp(0, total)
+    pos = torch.arange(total, device=cu.device)
+    return (torch.searchsorted(cu, pos, right=True) - 1).clamp(0, cu.numel() - 2)
+
+
+def mask_segment_starts(labels: torch.Tensor, cu: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(1, total) labels with the first position of every segment set to ``ignore_index``: with ``shift`` the last
+    row of a segment would otherwise score the next segment's first token; masked, it scores nothing, exactly as
+    the last position of a padded sequence (and position 0 of a sequence is scored by no row, as padded)."""
+    total = labels.shape[1]
+    starts = torch.zeros(total + 1, dtype=torch.bool, device=labels.device)
+    starts.scatter_(0, cu[:-1].long().clamp(0, total), True)
+    return labels.masked_fill(starts[:total][None], ignore_index)
+
+
+def segment_sum(values: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """(..., total) -> (..., S): sums over the segments [cu[s], cu[s + 1]) in a fixed order (a float64 or int64
+    running sum: the same bits on every run, any device)."""
+    acc = values.long() if not values.dtype.is_floating_point else values.double()
+    cs = torch.cat([acc.new_zeros(acc.shape[:-1] + (1,)), acc.cumsum(-1)], -1)
+    cu = cu.long().clamp(0, values.shape[-1])
+    return (cs[..., cu[1:]] - cs[..., cu[:-1]]).to(values.dtype)
 
 
 def logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
@@ -107,62 +145,82 @@ def _labels_i64(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
+def _launch_view(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(view, offset) for the logits or gradient pointer of a launch: ``view`` starts at a 16-byte aligned address
+    at most 15 bytes before ``t`` (the same storage), ``offset`` is the number of elements between the two, which
+    the kernels add to every index. Only these two pointers are specialised on alignment (``kernels/logps.py``),
+    and an aligned one is the only variant the AOT check compiles. A tensor whose storage itself is not aligned
+    (external memory) is returned as is."""
+    skew = t.data_ptr() % 16
+    if skew == 0 or skew % t.element_size() or t.storage_offset() * t.element_size() < skew:
+        return t, 0
+    k = skew // t.element_size()
+    return t.as_strided(t.shape, t.stride(), t.storage_offset() - k), k
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    return _k.is_aligned(t.data_ptr(), t.element_size(), t.shape[-1], *t.stride())
+
+
 def _triton_forward(logits, labels, ignore_index, shift, with_stats, with_max=False):
     N, T, V = logits.shape
     labels = _labels_i64(labels)
     token_logps = torch.empty((N, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(token_logps)
-    stats = (torch.empty((5 if with_max else 4, N, T), device=logits.device, dtype=torch.float32) if with_stats
+    stats = (torch.empty((6 if with_max else 4, N, T), device=logits.device, dtype=torch.float32) if with_stats
              else None)
     n_rows = N * T
     if n_rows:
-        cfg = _k.tile_config(V, with_stats)
-        grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
+        meta = _k.fwd_meta(V, with_stats, _is_aligned(logits))
+        grid = (triton.cdiv(n_rows, meta["BLOCK_T"]),)
+        x, x_off = _launch_view(logits)
         _k._sequence_logps_fwd_kernel[grid](
-            logits, labels, token_logps, lse, stats if with_stats else token_logps,
+            x, labels, token_logps, lse, stats if with_stats else token_logps,
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
-            ignore_index, int(shift), int(with_max),
-            WITH_STATS=with_stats, **cfg)
+            ignore_index, int(shift), int(with_max), x_off,
+            **meta)
     return token_logps, lse, stats
 
 
-def _triton_sums(token_logps, stats, labels, ignore_index, shift):
+def _triton_sums(token_logps, stats, labels, ignore_index, shift, cu=None):
     N, T = token_logps.shape
+    S = N if cu is None else cu.numel() - 1
     labels = _labels_i64(labels)
-    logps = torch.empty(N, device=token_logps.device, dtype=torch.float32)
-    num_tokens = torch.empty(N, device=token_logps.device, dtype=torch.int64)
-    seq_stats = None if stats is None else torch.empty((4, N), device=token_logps.device, dtype=torch.float32)
-    if N:
-        _k._sequence_sums_kernel[(N,)](
-            token_logps, token_logps if stats is None else stats, labels, logps, num_tokens,
-            logps if stats is None else seq_stats,
-            N, T, N * T,
+    logps = torch.empty(S, device=token_logps.device, dtype=torch.float32)
+    num_tokens = torch.empty(S, device=token_logps.device, dtype=torch.int64)
+    seq_stats = None if stats is None else torch.empty((4, S), device=token_logps.device, dtype=torch.float32)
+    if S:
+        _k._sequence_sums_kernel[(S,)](
+            token_logps, token_logps if stats is None else stats, labels,
+            num_tokens if cu is None else cu.long(), logps, num_tokens, logps if stats is None else seq_stats,
+            S, T, N * T,
             *labels.stride(),
             ignore_index, int(shift),
-            BLOCK=_k.SUMS_BLOCK, WITH_STATS=stats is not None, num_warps=_k.SUMS_NUM_WARPS)
+            **_k.sums_meta(stats is not None, cu is not None))
     return logps, num_tokens, seq_stats
 
 
 def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
     N, T, V = logits.shape
     labels = _labels_i64(labels)
+    coef = coef if coef.dtype == torch.float32 else coef.float()  # its own strides below, not the original's
     n_rows = N * T
     if n_rows:
-        cfg = _k.tile_config(V)
-        grid = (triton.cdiv(n_rows, cfg["BLOCK_T"]),)
+        meta = _k.bwd_meta(V, _is_aligned(logits) and _is_aligned(out))
+        grid = (triton.cdiv(n_rows, meta["BLOCK_T"]),)
+        x, x_off = _launch_view(logits)
+        g, g_off = _launch_view(out)
         _k._sequence_logps_bwd_kernel[grid](
-            logits, labels, lse, coef if coef.dtype == torch.float32 else coef.float(), out,
+            x, labels, lse, coef, g,
             n_rows, T, V,
             *logits.stride(),
             *labels.stride(),
             *out.stride(),
             *coef.stride(),
-            ignore_index, int(shift),
-            **cfg)
-
-
+            ignore_index, int(shift), x_off, g_off,
+            **meta)
 # ---------------------------------------------------------------------------------------------- PyTorch
 
 
@@ -209,16 +267,18 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats, with_max=Fal
     rlab, valid = row_labels(labels, ignore_index, shift)
     row_logps = torch.zeros((N, T), dtype=cdt, device=logits.device)
     lse = torch.zeros_like(row_logps)
-    stats = torch.zeros((5 if with_max else 4, N, T), dtype=cdt, device=logits.device) if with_stats else None
+    stats = torch.zeros((6 if with_max else 4, N, T), dtype=cdt, device=logits.device) if with_stats else None
     for n, lo, hi in _spans(valid):
         for t0, t1 in _chunks(lo, hi, V):
             x = logits[n, t0:t1].to(cdt)  # (r, V): a copy of one chunk at most
             ok = valid[n, t0:t1]
             # max / exp / sum rather than torch.logsumexp: an inf logit gives NaN, as in the kernel
             m = x.amax(1)  # (amax: max with indices costs 14x more on CPU)
-            e = (x - m[:, None]).exp_()
+            # a row of -inf logits: exponentials against 0 (exp(-inf - (-inf)) would be NaN), lse = -inf
+            m_ref = m.masked_fill(m == float("-inf"), 0.0)
+            e = (x - m_ref[:, None]).exp_()
             s = e.sum(1)
-            lse_c = s.log().add_(m)
+            lse_c = s.log().add_(m_ref)
             lab = torch.where(ok, rlab[n, t0:t1], 0)
             in_range = (lab >= 0) & (lab < V)  # an unchecked bad label gives NaN, as in the kernel
             tgt = torch.where(in_range, x.gather(1, lab.clamp(0, V - 1)[:, None]).squeeze(1), float("nan"))
@@ -229,7 +289,9 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats, with_max=Fal
                 if torch.isnan(ex).any():  # e = 0 where x = -inf (a padded vocabulary): p * x must be 0 there
                     ex = torch.linalg.vecdot(e, x.masked_fill(x == float("-inf"), 0.0))
                 rows = (x.sum(1) / V, lse_c - ex / s, torch.linalg.vecdot(e, e).log() - 2 * s.log(),
-                        _first_argmax_is(x, m, tgt, lab).to(cdt)) + ((m,) if with_max else ())
+                        _first_argmax_is(x, m, tgt, lab).to(cdt))
+                if with_max:  # a vocabulary shard's partials: its maximum, the target's logit (0 elsewhere)
+                    rows += (m, torch.where(in_range, tgt, 0.0))
                 for i, r in enumerate(rows):
                     stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
     token_logps = rows_to_positions(row_logps, shift)
@@ -254,7 +316,7 @@ def _torch_backward(logits, labels, lse, coef, ignore_index, shift, out):
             c = torch.where(r, coef[n, t0:t1], 0.0)
             o = out[n, t0:t1]
             # Formed in the output itself when it has the compute dtype (fp32 in, fp32 out), else in a chunk.
-            g = o if o.dtype == cdt else torch.empty(o.shape, dtype=cdt)
+            g = o if o.dtype == cdt else torch.empty(o.shape, dtype=cdt, device=o.device)
             torch.sub(logits[n, t0:t1].to(cdt), lse[n, t0:t1, None].to(cdt), out=g)
             g.exp_().mul_(-c[:, None])
             lab = torch.where(r, rlab[n, t0:t1], 0)

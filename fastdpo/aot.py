@@ -1,20 +1,22 @@
-"""Compile every fastdpo kernel, in every configuration the dispatcher can choose, for real GPUs, with no GPU.
+"""Compile every fastdpo kernel, in every variant a launch can produce, for real GPUs, with no GPU.
 
     python -m fastdpo.aot [--arch 80 90] [--jobs 2]
 
-Prints one line per (kernel, configuration, architecture): registers, spill bytes and shared memory, read
-from the bundled ``ptxas -v`` on the generated PTX, and what tells a lean kernel from a heavy one: the SASS of
-the vocabulary loop's body (the largest backward branch of the cubin, read with the bundled ``cuobjdump``),
-as instructions per logit a thread handles, special-function (MUFU: exp2, log2) instructions per logit, and
-the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide reductions cost. Exits non-zero on
-any compile error or spill.
+Prints one line per (kernel, variant, architecture): registers, spill bytes and shared memory, read from the
+bundled ``ptxas -v`` on the generated PTX, and what tells a lean kernel from a heavy one: the SASS of the
+vocabulary loop's body (the largest backward branch of the cubin, read with the bundled ``cuobjdump``), as
+instructions per logit a thread handles, special-function (MUFU: exp2, log2) instructions per logit, and the
+barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide reductions cost. Exits non-zero on any
+compile error, any spill, any integer argument Triton could specialise at launch, and any reshape that may
+reorder the elements of a tile holding more than one row.
 
-Configurations: logits dtype x tile (``kernels.logps.all_tile_configs``) x flags for the log-prob kernels,
-the per-sequence sums with and without statistics, every pair block size of the DPO loss head
-(``kernels.dpo_loss.all_block_sizes``) with and without metrics. Launch-time specialisations are mirrored:
-pointers 16-byte aligned, the vocabulary size and the logits' row strides divisible by 16, the vocabulary
-stride equal to 1 (contiguous last dimension): the case real models produce. Must run without
-``TRITON_INTERPRET``.
+Variants come from the kernel modules themselves, the lists the launchers choose from (``all_meta()`` in
+``kernels/logps.py`` and ``kernels/dpo_loss.py``), crossed with the logits' dtypes for the kernels that read
+logits. The signature follows each kernel's own declarations: integer and float arguments by their annotation
+(never specialised: the AOT check fails any integer argument Triton could turn into a constant or give a
+divisibility hint, since that would be a variant of its own), pointers by the module's ``POINTERS``, 16-byte
+aligned where the kernel lets Triton specialise them on alignment (the launchers hand those pointers aligned).
+Must run without ``TRITON_INTERPRET``.
 """
 
 import argparse
@@ -27,51 +29,88 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 _DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-_DIVISIBLE_INTS = ("V", "stride_xn", "stride_xt", "stride_gn", "stride_gt")
+_DTYPE_OF = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+_MODULES = ("logps", "dpo_loss")
+_MODULE_OVERRIDE = None  # a module of probe kernels instead (tests/test_aot.py)
+
+
+def _kernels():
+    """{kernel name: (module, every launch configuration)}."""
+    import importlib
+
+    mods = ([_MODULE_OVERRIDE] if _MODULE_OVERRIDE is not None else
+            [importlib.import_module(f"fastdpo.kernels.{m}") for m in _MODULES])
+    out = {}
+    for m in mods:
+        for name, metas in m.all_meta().items():
+            out[name] = (m, metas)
+    return out
 
 
 def _cases():
-    from fastdpo.kernels import logps as k
-
-    for dtype, with_stats in itertools.product(_DTYPES, (True, False)):
-        for tile in k.all_tile_configs(with_stats):
-            yield ("logps_fwd", dtype, tile, {"WITH_STATS": with_stats})
-    for dtype, tile in itertools.product(_DTYPES, k.all_tile_configs()):
-        yield ("logps_bwd", dtype, tile, {})
-    yield ("logps_sums", "fp32", {"BLOCK": k.SUMS_BLOCK, "num_warps": k.SUMS_NUM_WARPS}, {"WITH_STATS": True})
-    yield ("logps_sums", "fp32", {"BLOCK": k.SUMS_BLOCK, "num_warps": k.SUMS_NUM_WARPS}, {"WITH_STATS": False})
-    from fastdpo.kernels import dpo_loss as d
-
-    for block_b, metrics in itertools.product(d.all_block_sizes(), (True, False)):
-        # per-sequence numbers are fp32 whatever the logits' dtype
-        yield ("dpo_head", "fp32", {"BLOCK_B": block_b, "num_warps": d.NUM_WARPS}, {"WITH_METRICS": metrics})
+    for name, (mod, metas) in _kernels().items():
+        reads_logits = "x" in mod.POINTERS[name].values()
+        for dtype, meta in itertools.product(_DTYPES if reads_logits else ("fp32",), metas):
+            yield (name, dtype, meta)
 
 
-def _signature(kernel: str, dtype: str):
-    x = _DTYPES[dtype]
-    if kernel == "dpo_head":
-        ptrs = {name: "*fp32" for name in ("logps_ptr", "sums_ptr", "seq_stats_ptr", "ref_chosen_ptr",
-                                            "ref_rejected_ptr", "aot_delta_ptr", "aotu_delta_ptr", "loss_ptr",
-                                            "coef_ptr", "rewards_ptr", "metrics_ptr")}
-        ptrs.update({name: "*i64" for name in ("counts_ptr", "aot_rank_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr")})
-        ints = {name: "i32" for name in ("num_pairs", "p0", "p1", "has_ref", "f_div", "use_weighting")}
-        floats = ("beta", "eps", "exo_log_keep", "exo_log_eps", "inv_am1", "am1", "tau", "gamma", "nll_alpha",
-                  *(f"w{i}" for i in range(16)))
-        return ptrs, {**ints, **{name: "fp32" for name in floats}}
-    if kernel == "logps_sums":
-        ptrs = {"token_logps_ptr": "*fp32", "stats_ptr": "*fp32", "labels_ptr": "*i64", "logps_ptr": "*fp32",
-                "num_tokens_ptr": "*i64", "seq_stats_ptr": "*fp32"}
-        return ptrs, {name: "i32" for name in ("N", "T", "NT", "stride_ln", "stride_lt", "ignore_index", "shift")}
-    if kernel == "logps_fwd":
-        ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "token_logps_ptr": "*fp32", "lse_ptr": "*fp32",
-                "stats_ptr": "*fp32"}
-        ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "ignore_index", "shift",
-                "with_max"]
-    else:
-        ptrs = {"logits_ptr": x, "labels_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": x}
-        ints = ["n_rows", "T", "V", "stride_xn", "stride_xt", "stride_ln", "stride_lt", "stride_gn", "stride_gt",
-                "stride_cn", "stride_ct", "ignore_index", "shift"]
-    return ptrs, {name: "i32" for name in ints}
+def _jit_fn(name):
+    import triton
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    mod, _ = _kernels()[name]
+    fn = getattr(mod, name)
+    while not isinstance(fn, (triton.runtime.JITFunction, InterpretedFunction)):  # @heuristics / @autotune
+        fn = fn.fn
+    if isinstance(fn, InterpretedFunction):  # TRITON_INTERPRET set: the same function and options, compilable
+        fn = triton.runtime.JITFunction(fn.fn, **fn.kwargs)
+    return mod, fn
+
+
+def signature(name: str, dtype: str, meta: dict):
+    """(signature, constexprs, attrs) for ``triton.compile``, from the kernel's declarations; raises ValueError
+    for an argument that would be specialised at launch."""
+    mod, fn = _jit_fn(name)
+    pointers = mod.POINTERS[name]
+    constexprs = {k: v for k, v in meta.items() if k != "num_warps"}
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            if p.name not in constexprs:
+                raise ValueError(f"{name}: constexpr {p.name} missing from the launch configuration")
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            sig[p.name] = _DTYPES[dtype] if pointers[p.name] == "x" else pointers[p.name]
+            if not p.do_not_specialize_on_alignment:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.annotation_type and (p.do_not_specialize or p.annotation_type[:2] in ("fp", "bf")):  # floats never are
+            sig[p.name] = p.annotation_type
+        else:
+            raise ValueError(f"{name}: argument {p.name} is specialised at launch (value 1 becomes a constant, a "
+                             "multiple of 16 a divisibility hint): type it and list it in do_not_specialize")
+    return sig, constexprs, attrs
+
+
+# `tt.reshape %x allow_reorder ... : tensor<4x512xf32> -> ...` (the spelling varies with the Triton version)
+_RESHAPE = re.compile(r"tt\.(reshape|cat)\b[^\n]*?:\s*tensor<([0-9x]+)x[a-z]")
+
+
+def reorder_findings(ir: str) -> list:
+    """Lines of a TTIR / TTGIR listing where the compiler may move elements of a tile with more than one row into
+    another row: a reshape allowed to reorder (or a cat, which always may) whose source has a leading dimension
+    above 1. A reduction after it can then add up elements of different rows (seen on sm_90, Triton 3.9)."""
+    out = []
+    for line in ir.splitlines():
+        m = _RESHAPE.search(line)
+        if m is None:
+            continue
+        if m.group(1) == "reshape" and not re.search(r"allow_?[rR]eorder", line):
+            continue
+        dims = [int(d) for d in m.group(2).split("x")]
+        if len(dims) > 1 and dims[0] > 1:
+            out.append(line.strip())
+    return out
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -100,40 +139,18 @@ def compile_one(case, arch: int) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from fastdpo.kernels import logps as k
-
-    kernel, dtype, tile, flags = case
-    from fastdpo.kernels import dpo_loss as d
-
-    fn = {"logps_fwd": k._sequence_logps_fwd_kernel, "logps_bwd": k._sequence_logps_bwd_kernel,
-          "logps_sums": k._sequence_sums_kernel, "dpo_head": d._dpo_loss_head_kernel}[kernel]
-    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @heuristics / @autotune, if any
-        fn = fn.fn
-    ptrs, ints = _signature(kernel, dtype)
-    constexprs = {key: val for key, val in tile.items() if key != "num_warps"}
-    constexprs.update(flags)
-    if kernel in ("logps_fwd", "logps_bwd"):
-        constexprs["stride_xv"] = 1
-    if kernel == "logps_bwd":
-        constexprs["stride_gv"] = 1
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = ptrs[name]
-        else:
-            signature[name] = ints[name]
-    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in ptrs}
-    # Triton specialises integer arguments divisible by 16 at launch: the vocabularies of real models are
-    # (32000, 128256, 151936, 262144), and so are the row strides of their logits. Mirrored here, it is what
-    # lets the compiler prove rows 16-byte aligned and load 8 bf16 logits per instruction.
-    attrs.update({(fn.arg_names.index(i),): [["tt.divisibility", 16]] for i in _DIVISIBLE_INTS if i in ints})
-    row = {"kernel": kernel, "dtype": dtype, "config": {**tile, **flags}, "arch": f"sm_{arch}"}
+    name, dtype, meta = case
+    kernel = _SHORT.get(name, name)
+    row = {"kernel": kernel, "dtype": dtype, "config": dict(meta), "arch": f"sm_{arch}"}
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        sig, constexprs, attrs = signature(name, dtype, meta)
+        _, fn = _jit_fn(name)
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": tile["num_warps"], "num_stages": 1})
+                                  options={"num_warps": meta["num_warps"], "num_stages": 1})
+        reorders = reorder_findings(compiled.asm["ttir"]) + reorder_findings(compiled.asm["ttgir"])
+        if reorders:
+            raise ValueError(f"a reshape may move elements across rows: {reorders[0]}")
         ptxas = get_ptxas(arch).path
         gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
         with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +167,7 @@ def compile_one(case, arch: int) -> dict:
         row["shared_bytes"] = compiled.metadata.shared
         loop = loop_profile(sass)
         if loop and kernel in ("logps_fwd", "logps_bwd"):  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them
-            per_thread = tile["BLOCK_T"] * tile["BLOCK_V"] / (32 * tile["num_warps"])
+            per_thread = meta["BLOCK_T"] * meta["BLOCK_V"] / (32 * meta["num_warps"])
             row["instr_per_logit"] = loop["loop_instructions"] / per_thread
             row["mufu_per_logit"] = loop["loop_mufu"] / per_thread
             row["bar_per_iter"] = loop["loop_bar"]
@@ -160,6 +177,10 @@ def compile_one(case, arch: int) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         row["ok"] = False
     return row
+
+
+_SHORT = {"_sequence_logps_fwd_kernel": "logps_fwd", "_sequence_logps_bwd_kernel": "logps_bwd",
+          "_sequence_sums_kernel": "logps_sums", "_dpo_loss_head_kernel": "dpo_head"}
 
 
 def _compile_star(args):
@@ -177,16 +198,16 @@ def main(argv=None) -> int:
     work = [(case, arch) for case in _cases() for arch in args.arch]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_compile_star, work))
-    print(f"{'kernel':<10} {'dtype':<5} {'config':<50} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} "
+    print(f"{'kernel':<10} {'dtype':<5} {'config':<66} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} "
           f"{'instr/logit':>11} {'mufu/logit':>10} {'bar/it':>6} {'shfl/it':>7}")
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         if "error" in r:
-            print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<50} {r['arch']:<6} ERROR {r['error']}")
+            print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<66} {r['arch']:<6} ERROR {r['error']}")
         else:
             loop = (f"{r['instr_per_logit']:>11.2f} {r['mufu_per_logit']:>10.2f} {r['bar_per_iter']:>6} "
                     f"{r['shfl_per_iter']:>7}" if "instr_per_logit" in r else "")
-            print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<50} {r['arch']:<6} {r['registers']:>4} "
+            print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<66} {r['arch']:<6} {r['registers']:>4} "
                   f"{r['spill_bytes']:>5} {r['shared_bytes']:>6} {loop}")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compiled without spills")

@@ -49,12 +49,29 @@ def block_b(num_pairs: int) -> int:
     return min(max(triton.next_power_of_2(max(num_pairs, 1)), 16), MAX_BLOCK_B)
 
 
-def all_block_sizes() -> list:
+def head_meta(num_pairs: int, with_metrics: bool) -> dict:
+    """Constexprs and warps of a launch."""
+    return {"BLOCK_B": block_b(num_pairs), "WITH_METRICS": bool(with_metrics), "num_warps": NUM_WARPS}
+
+
+def all_meta() -> dict:
+    """Every configuration ``head_meta`` can return (what the AOT check compiles)."""
     out, b = [], 16
     while b <= MAX_BLOCK_B:
-        out.append(b)
+        out += [head_meta(b, True), head_meta(b, False)]
         b *= 2
-    return out
+    return {"_dpo_loss_head_kernel": out}
+
+
+_PTRS = ("logps_ptr", "sums_ptr", "counts_ptr", "seq_stats_ptr", "ref_chosen_ptr", "ref_rejected_ptr",
+         "aot_delta_ptr", "aot_rank_ptr", "aotu_delta_ptr", "aotu_rank_c_ptr", "aotu_rank_r_ptr", "loss_ptr",
+         "coef_ptr", "rewards_ptr", "metrics_ptr")
+# Per-sequence numbers are fp32 whatever the logits' dtype; counts and ranks int64.
+POINTERS = {"_dpo_loss_head_kernel": {p: "*i64" if p in ("counts_ptr", "aot_rank_ptr", "aotu_rank_c_ptr",
+                                                                "aotu_rank_r_ptr") else "*fp32" for p in _PTRS}}
+# No argument is specialised at launch (a batch of one pair would make num_pairs and p1 constants, a reference
+# model has_ref, each a variant of its own): the constexprs of ``head_meta`` are the only variants.
+_INTS = ["num_pairs", "p0", "p1", "has_ref", "f_div", "use_weighting"]
 
 
 @triton.jit
@@ -92,7 +109,7 @@ def _f_divergence(x, f_div, inv_am1, am1):
     return score, deriv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=list(_PTRS))
 def _dpo_loss_head_kernel(
     # per-sequence inputs, (N,) fp32, N = 2 * num_pairs: chosen [0, B), rejected [B, 2B)
     logps_ptr,  # policy log-probs (LD-DPO weighted when on)
@@ -108,10 +125,14 @@ def _dpo_loss_head_kernel(
     rewards_ptr,  # (N,) fp32, WITH_METRICS: beta * (logp - ref)
     metrics_ptr,  # (10,) fp32, WITH_METRICS: TRL's metrics (see fastdpo._head.METRICS)
     # scalars
-    num_pairs, p0, p1, has_ref,
-    beta, eps, exo_log_keep, exo_log_eps, f_div, inv_am1, am1, tau, gamma, nll_alpha, use_weighting,
+    num_pairs: tl.int32, p0: tl.int32, p1: tl.int32, has_ref: tl.int32,
+    beta: tl.float32, eps: tl.float32, exo_log_keep: tl.float32, exo_log_eps: tl.float32, f_div: tl.int32,
+    inv_am1: tl.float32, am1: tl.float32, tau: tl.float32, gamma: tl.float32, nll_alpha: tl.float32,
+    use_weighting: tl.int32,
     # loss weights in LOSS_TYPES order (0: off)
-    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15,
+    w0: tl.float32, w1: tl.float32, w2: tl.float32, w3: tl.float32, w4: tl.float32, w5: tl.float32,
+    w6: tl.float32, w7: tl.float32, w8: tl.float32, w9: tl.float32, w10: tl.float32, w11: tl.float32,
+    w12: tl.float32, w13: tl.float32, w14: tl.float32, w15: tl.float32,
     BLOCK_B: tl.constexpr,
     WITH_METRICS: tl.constexpr,
 ):

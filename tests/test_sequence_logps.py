@@ -321,3 +321,90 @@ def test_return_token_stats(backend, shift):
     assert torch.equal(out.token_stats["is_top1"], valid & (top1 == labels))
     assert out.token_stats["is_top1"].sum() == 3
     assert not out.token_stats["entropy"].requires_grad
+
+
+def _oracle_stats(logits, labels, shift=True):
+    """float64 per-row (lse, entropy, log sum p^2) of the rows that score a label, and their token log-probs."""
+    x = logits.double()
+    lse = torch.logsumexp(x, -1)
+    p = torch.softmax(x, -1)
+    ent = lse - torch.where(p > 0, p * x, 0.0).sum(-1)
+    return lse, ent, (p * p).sum(-1).log()
+
+
+@pytest.mark.parametrize("V,masked", [(9000, slice(0, 8192)), (9000, slice(0, 8500)), (300, slice(0, 250)),
+                                      (20000, slice(4096, 12288))])
+def test_minus_inf_blocks(backend, V, masked):
+    """Whole vocabulary blocks of -inf (the first block, a middle one, most of a small row): the online
+    log-sum-exp once formed -inf - (-inf) = NaN there. Wherever the label's logit is finite the outputs are finite
+    and equal the float64 oracle's; a -inf label gives a -inf log-prob, as log_softmax does, and its sequence
+    nothing else."""
+    logits, labels = make_batch(2, 4, V, torch.float32, mask="none")
+    logits[..., masked] = float("-inf")
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(masked.stop, V, (2, 4), generator=g)  # finite targets
+    out, grad = check(logits, labels, return_token_stats=True)
+    assert torch.isfinite(out.logps).all() and torch.isfinite(grad).all()
+    _, ent, sq = _oracle_stats(logits, labels)
+    stats = out.token_stats
+    torch.testing.assert_close(stats["entropy"][:, 1:].double(), ent[:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["log_sum_sq_probs"][:, 1:].double(), sq[:, :-1], rtol=1e-5, atol=1e-5)
+    # a target inside the masked range: -inf for that token, the rest of the batch unchanged
+    bad = labels.clone()
+    bad[0, 2] = masked.start
+    res = fastdpo.sequence_logps(logits, bad, return_token_logps=True)
+    assert res.token_logps[0, 2] == float("-inf") and res.logps[0] == float("-inf")
+    assert torch.equal(res.logps[1], out.logps[1].detach())
+    loss = fastdpo.dpo_loss(logits, bad).loss  # a chosen of log-prob -inf: the pair's loss is not finite
+    assert not torch.isfinite(loss)
+
+
+def test_minus_inf_everywhere_is_nan_like_log_softmax(backend):
+    """A row with no finite logit has no distribution: NaN, as log_softmax gives; other rows are untouched."""
+    logits, labels = make_batch(2, 3, 600, torch.float32, mask="none")
+    logits[1, 0] = float("-inf")
+    out = fastdpo.sequence_logps(logits, labels, return_token_logps=True)
+    ref = torch.log_softmax(logits[1, 0].double(), -1)[labels[1, 1]]
+    assert torch.isnan(ref) and torch.isnan(out.token_logps[1, 1])
+    assert torch.isfinite(out.logps[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_vocabularies_rows_of_different_scales(backend, dtype):
+    """V = 2..1024 take the multi-row tiles; rows of very different scales in one tile would show any mixing of
+    rows inside a reduction (a reordering reshape on the GPU once added row t + 2 into row t's sums)."""
+    for V in (2, 3, 17, 100, 511, 512, 513, 1000, 1024):
+        logits, labels = make_batch(3, 6, V, torch.float32, mask="random", seed=V)
+        scales = torch.tensor([0.01, 1.0, 30.0, 3.0, 0.1, 10.0]).view(1, 6, 1)
+        logits = (logits * scales).to(dtype)
+        out, _ = check(logits, labels, return_token_stats=True)
+        _, ent, _ = _oracle_stats(logits, labels)
+        torch.testing.assert_close(out.token_stats["entropy"][:, 1:].double(), torch.where(
+            out.num_tokens.new_ones(()).bool() & (labels[:, 1:] != -100), ent[:, :-1], 0.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_major_offsets_past_2_32(backend, dtype):
+    """Vocabulary-major logits (the transpose of the usual layout): entry v of a row lies v * stride elements
+    from entry 0, past 2^32 elements here; the forward reads and the in-place backward writes there. In int32
+    these offsets wrap. The storage is virtual: only the pages holding the few rows' logits are touched."""
+    N, T, V = 2, 3, 9
+    stride = 2 ** 29 + 7  # (V - 1) * stride > 2^32
+    base = torch.empty(V * stride, dtype=dtype)
+    logits = base.view(V, stride)[:, :N * T].t().view(N, T, V)  # strides (T, 1, stride)
+    assert logits.stride() == (T, 1, stride)
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(N, T, V, generator=g) * 3).to(dtype)
+    logits.copy_(values)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, 1] = V - 1  # the farthest entry is a target
+    out, grad = check(logits, labels, return_token_stats=True)
+    compact = fastdpo.sequence_logps(values, labels, return_token_logps=True, return_token_stats=True)
+    assert torch.equal(out.token_logps, compact.token_logps)
+    # in place: the gradient is written through the same far offsets
+    x = logits.requires_grad_(True)
+    res = fastdpo.sequence_logps(x, labels, inplace_backward=True)
+    res.logps.sum().backward()
+    y = values.clone().requires_grad_(True)
+    fastdpo.sequence_logps(y, labels).logps.sum().backward()
+    assert torch.equal(logits.detach().clone(), y.grad)
