@@ -10,6 +10,7 @@ bytes each rank sends per call. Prints a table; ``--json PATH`` writes the rows.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -43,9 +44,6 @@ def _batch(shape, dtype, device):
 
 
 def _rank(rank, world, init_file, shape, dtype, repeat, queue):
-    import fastdpo
-    from fastdpo import _vocab
-
     cuda = torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
@@ -54,6 +52,23 @@ def _rank(rank, world, init_file, shape, dtype, repeat, queue):
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
+    try:
+        rows = _measure(rank, world, device, cuda, shape, dtype, repeat)
+    finally:
+        # Teardown while the interpreter is whole: every tensor, closure and work object of the measurement gone
+        # first (a gloo worker thread still holding tensors at interpreter exit aborts the process, "terminate
+        # called without an active exception"), every rank past its last collective before any destroys the group.
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        queue.put(rows)
+
+
+def _measure(rank, world, device, cuda, shape, dtype, repeat):
+    import fastdpo
+    from fastdpo import _vocab
+
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     group = dist.group.WORLD
     N, T, V = shape
@@ -72,7 +87,9 @@ def _rank(rank, world, init_file, shape, dtype, repeat, queue):
     for op, make, k in (("dpo_loss", dpo, _vocab.K_STATS), ("sequence_logps", logps, _vocab.K_PLAIN)):
         sharded = _timed(make(part, group), repeat, sync)
         partials = torch.zeros(k, N, T, device=device)
-        comm = _timed(lambda: (_vocab.check_split(group, Vp, (N, T), part, "logits"),
+        with_stats = int(k == _vocab.K_STATS)
+        comm = _timed(lambda: (_vocab.check_split(group, Vp, labels, part, "logits", ignore_index=-100, shift=True,
+                                                  agree=(with_stats,)),
                                _vocab.gather(partials, group, world)), repeat, sync)
         dist.barrier()
         single = _timed(make(full, None), repeat, sync) if rank == 0 else None
@@ -82,11 +99,8 @@ def _rank(rank, world, init_file, shape, dtype, repeat, queue):
                          "device": torch.cuda.get_device_name(device) if cuda else "cpu (1 thread per rank)",
                          "single_ms": single * 1e3, "sharded_ms": sharded * 1e3, "collectives_ms": comm * 1e3,
                          "speedup": single / sharded, "ideal_speedup": world,
-                         "bytes_sent_per_rank": 3 * 8 + k * 4 * N * T})
-    if rank == 0:
-        queue.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+                         "bytes_sent_per_rank": 8 * _vocab.agreement_size(1) + k * 4 * N * T})
+    return rows
 
 
 def main(argv=None):

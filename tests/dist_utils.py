@@ -4,6 +4,7 @@
 import os
 import socket
 import tempfile
+import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,12 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world: int, *args, env=None, init: bool = True):
+def run_ranks(fn, world: int, *args, env=None, init: bool = True, timeout: float = 600.0):
     """``fn`` must be a module-level function (spawned processes import it by name). ``init=False``: no process
-    group is made; the ranks get RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to make their own."""
+    group is made; the ranks get RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to make their own.
+    A run past ``timeout`` seconds (a rank waiting in a collective the others never join) kills every rank and
+    raises ``TimeoutError``: a hang fails the test instead of the whole run."""
     env = dict(env or {})
     if not init:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(world, os.path.join(d, "init") if init else None, env, fn, args), nprocs=world,
-                 join=True)
+        ctx = mp.start_processes(_entry, args=(world, os.path.join(d, "init") if init else None, env, fn, args),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"ranks still running after {timeout:.0f} s (a collective some rank never joined?)")

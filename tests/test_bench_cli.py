@@ -50,7 +50,7 @@ def test_vocab_parallel_benchmark_runs_tiny():
 
     rows = vocab_parallel.main(["--shape", "2,16,100", "--repeat", "1"])
     assert [r["op"] for r in rows] == ["dpo_loss", "sequence_logps"]
-    assert [r["bytes_sent_per_rank"] for r in rows] == [24 + 7 * 4 * 32, 24 + 2 * 4 * 32]
+    assert [r["bytes_sent_per_rank"] for r in rows] == [8 * 24 + 7 * 4 * 32, 8 * 24 + 2 * 4 * 32]
     assert all(r["sharded_ms"] > 0 and r["single_ms"] > 0 for r in rows)
 
 

@@ -150,3 +150,56 @@ def test_cpu_chunking_does_not_change_bits(monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("coef_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_logps_backward_op_with_expanded_coefficient(backend, coef_dtype):
+    """``torch.ops.fastdpo.logps_backward`` with a per-sequence coefficient broadcast over positions (stride 0) in
+    another dtype than fp32: the kernel must read the fp32 copy through that copy's own strides (it once read it
+    through the original's, off by up to 2.98)."""
+    logits, labels, _, _ = batch()
+    N, T, V = logits.shape
+    token_logps, lse, _, _, _ = torch.ops.fastdpo.logps_forward(logits, labels, -100, True, False)
+    per_seq = torch.linspace(-1.5, 2.0, N).to(coef_dtype)
+    expanded = per_seq[:, None].expand(N, T)  # strides (1, 0)
+    got = torch.ops.fastdpo.logps_backward(logits, labels, lse, expanded, -100, True)
+    want = torch.ops.fastdpo.logps_backward(logits, labels, lse, expanded.float().contiguous(), -100, True)
+    assert torch.equal(got, want)
+
+
+def test_torch_backend_allocates_on_the_logits_device(monkeypatch):
+    """The PyTorch path allocates every buffer on the logits' device: it once made a chunk buffer with
+    ``torch.empty(shape, dtype=...)`` and no device, so CUDA half logits crashed (the GPU lane runs that case). On
+    CPU every factory call made from fastdpo's code without a ``device`` is recorded."""
+    import sys
+
+    monkeypatch.setenv("FASTDPO_BACKEND", "torch")
+    missing = []
+    for name in ("empty", "zeros", "ones", "full", "arange", "tensor"):
+        orig = getattr(torch, name)
+
+        def factory(*args, _orig=orig, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("fastdpo") and "device" not in kwargs:
+                missing.append(f"{caller}: torch.{_name}")
+            return _orig(*args, **kwargs)
+        monkeypatch.setattr(torch, name, factory)
+    logits, labels, ref_c, ref_r = batch()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = logits.to(dtype).requires_grad_(True)
+        fastdpo.dpo_loss(x, labels, ref_c, ref_r).loss.backward()
+        fastdpo.sequence_logps(x, labels, return_token_stats=True).logps.sum().backward()
+    assert not missing, sorted(set(missing))
+
+
+def test_import_leaves_warning_filters_alone():
+    """Importing fastdpo (and its kernels) must not change the user's global warning filters (its dependencies,
+    imported first, may)."""
+    import subprocess
+    import sys
+    code = ("import warnings, torch, triton, triton.language, numpy, sympy; before = list(warnings.filters); "
+            "import fastdpo, fastdpo.kernels.logps, "
+            "fastdpo.kernels.dpo_loss, fastdpo.linear, fastdpo.integrations.trl; "
+            "assert list(warnings.filters) == before, [f for f in warnings.filters if f not in before]; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
