@@ -2,8 +2,8 @@
 TRL's metrics, from per-sequence numbers. One Triton launch on CUDA (``kernels/dpo_loss.py``); the same
 hand-derived maths in PyTorch elsewhere. Both are held to the spec (``fastdpo.losses``) by the tests.
 
-The loss options reach the kernel as scalars (``HeadParams``), derived once per ``DPOLossConfig`` and kept on
-it: nothing is validated, built or copied to the device per call.
+The loss options reach the kernel as scalars (``HeadParams``), derived once per distinct ``DPOLossConfig`` and
+memoized: nothing is validated, built or copied to the device per call.
 """
 
 import math
@@ -39,23 +39,32 @@ class HeadParams(NamedTuple("_HeadParams", [(n, float) for n in _SCALARS + tuple
         return not math.isnan(self.ld_alpha)
 
 
+_PARAMS = {}  # the config's values -> its HeadParams
+
+
 def params(cfg: DPOLossConfig) -> HeadParams:
-    """The head's scalars for ``cfg``, computed on first use and kept on the (frozen) config."""
-    p = cfg.__dict__.get("_head_params")
+    """The head's scalars for ``cfg`` (memoized on the config's values: a config built per call costs one lookup)."""
+    key = (cfg.beta, cfg.loss_types, cfg.weights, cfg.label_smoothing, cfg.f_divergence_type,
+           cfg.f_alpha_divergence_coef, cfg.discopop_tau, cfg.simpo_gamma, cfg.nll_alpha, cfg.ld_alpha,
+           bool(cfg.use_weighting))
+    p = _PARAMS.get(key)
     if p is None:
-        per_type = dict(zip(cfg.loss_types, cfg.weights))
-        eps = cfg.label_smoothing
-        a = cfg.f_alpha_divergence_coef
-        f_div = _F_DIV_IDS[cfg.f_divergence_type]
-        if f_div == 3 and abs(a - 1.0) < 1e-6:
-            f_div = 0  # the alpha -> 1 limit is reverse KL (as TRL)
-        p = HeadParams(float(cfg.beta), float(eps), math.log1p(-eps), math.log(eps) if eps > 0 else 0.0,
-                       float(f_div), 1.0 / (a - 1.0) if f_div == 3 else 0.0, a - 1.0, float(cfg.discopop_tau),
-                       float(cfg.simpo_gamma), float(cfg.nll_alpha), float(bool(cfg.use_weighting)),
-                       math.nan if cfg.ld_alpha is None else float(cfg.ld_alpha),
-                       *(float(per_type.get(t, 0.0)) for t in LOSS_TYPES))
-        object.__setattr__(cfg, "_head_params", p)
+        if len(_PARAMS) >= 256:
+            _PARAMS.clear()
+        p = _PARAMS[key] = _params(*key)
     return p
+
+
+def _params(beta, loss_types, weights, eps, f_divergence_type, a, tau, gamma, nll_alpha, ld_alpha,
+            use_weighting) -> HeadParams:
+    per_type = dict(zip(loss_types, weights))
+    f_div = _F_DIV_IDS[f_divergence_type]
+    if f_div == 3 and abs(a - 1.0) < 1e-6:
+        f_div = 0  # the alpha -> 1 limit is reverse KL (as TRL)
+    return HeadParams(float(beta), float(eps), math.log1p(-eps), math.log(eps) if eps > 0 else 0.0, float(f_div),
+                      1.0 / (a - 1.0) if f_div == 3 else 0.0, a - 1.0, float(tau), float(gamma), float(nll_alpha),
+                      float(use_weighting), math.nan if ld_alpha is None else float(ld_alpha),
+                      *(float(per_type.get(t, 0.0)) for t in LOSS_TYPES))
 
 
 def loss_head(logps: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, seq_stats: torch.Tensor,
@@ -134,7 +143,7 @@ def _triton_head(logps, sums, counts, seq_stats, ref_c, ref_r, p: HeadParams, p0
         N // 2, p0, p1, int(has_ref),
         p.beta, p.eps, p.exo_log_keep, p.exo_log_eps, int(p.f_div), p.inv_am1, p.am1, p.tau, p.gamma, p.nll_alpha,
         int(p.use_weighting), *p.weights,
-        BLOCK_B=_k.block_b(N // 2), WITH_METRICS=with_metrics, num_warps=_k.NUM_WARPS)
+        **_k.head_meta(N // 2, with_metrics))
     return out, coef, rewards, metrics
 
 

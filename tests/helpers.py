@@ -73,10 +73,16 @@ class HostReads:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         self.reads = []
+        self.tensors = []  # the data pointer of each .tolist() / .item() (None for the dispatched ones)
         for name in ("tolist", "item"):
             orig = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda t, _o=orig, _n=name: self.reads.append(_n) or _o(t))
-        reads = self.reads
+
+            def read(t, _o=orig, _n=name):
+                self.reads.append(_n)
+                self.tensors.append(t.data_ptr())
+                return _o(t)
+            monkeypatch.setattr(torch.Tensor, name, read)
+        reads, tensors = self.reads, self.tensors
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -85,6 +91,7 @@ class HostReads:
                     t is not None and t.dtype == torch.bool for t in args[1])
                 if bool_index or name in HostReads._OPS:
                     reads.append(name)
+                    tensors.append(None)
                 return func(*args, **(kwargs or {}))
         self.mode = Mode()
 
@@ -94,3 +101,46 @@ class HostReads:
 
     def __exit__(self, *exc):
         return self.mode.__exit__(*exc)
+
+
+def inline_custom_ops(monkeypatch):
+    """Run fastdpo's custom ops as the plain Python functions they wrap, so that a dispatch mode (a FLOP counter,
+    an allocation spy) sees the aten ops inside them: through the op boundary a mode sees one opaque call."""
+    from torch._library.custom_ops import CustomOpDef
+
+    from fastdpo import _library
+    for name, op in vars(_library).copy().items():
+        if isinstance(op, CustomOpDef):
+            monkeypatch.setattr(_library, name, op._init_fn)
+
+
+class Allocations:
+    """A dispatch mode recording (numel, dtype, op) of every tensor an op returns in new memory (views and in-place
+    results, which share an input's storage, are not allocations): what a call allocates."""
+
+    def __init__(self):
+        from torch.utils._pytree import tree_leaves
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                        seen.append((t.numel(), t.dtype, str(func)))
+                return out
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def sizes(self, dtype=None):
+        return {n for n, d, _ in self.seen if dtype is None or d == dtype}

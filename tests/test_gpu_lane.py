@@ -63,6 +63,93 @@ def test_sequence_logps(on, V, dtype, shift):
     check_logps(*make_batch(N, T, V, dtype, mask="random"), shift=shift, device=on)
 
 
+SMALL_VOCABS = list(range(2, 34)) + [63, 64, 100, 255, 256, 257, 500, 511, 512, 513, 700, 1000, 1023, 1024]
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_small_vocabularies_rows_of_very_different_scales(on, dtype):
+    """V = 2..1024 take the multi-row tiles (4 x 512, 2 x 1024): rows of scales 0.01 to 30 side by side in one
+    tile, so that an element of one row summed into another (a reordering reshape once did that on sm_90) shows.
+    Interpreted: a few sizes (the interpreter keeps element order anyway; the AOT check guards the GPU code)."""
+    vocabs = SMALL_VOCABS if on.type == "cuda" else [2, 33, 512, 1000]
+    scales = torch.tensor([0.01, 30.0, 1.0, 10.0, 0.1, 3.0]).view(1, 6, 1)
+    for V in vocabs:
+        logits, labels = make_batch(4, 6, V, torch.float32, mask="random", seed=V)
+        out, _ = check_logps((logits * scales).to(dtype), labels, device=on, return_token_stats=True)
+        x = (logits * scales).to(dtype).double()
+        ent = torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1)
+        valid = labels[:, 1:] != -100
+        torch.testing.assert_close(out.token_stats["entropy"][:, 1:].cpu().double(),
+                                   torch.where(valid, ent[:, :-1], 0.0), rtol=1e-4, atol=1e-4, msg=f"V={V}")
+        top1 = x.argmax(-1)[:, :-1] == labels[:, 1:]
+        assert torch.equal(out.token_stats["is_top1"][:, 1:].cpu(), top1 & valid), f"V={V}"
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+def test_minus_inf_vocabulary_blocks(on):
+    """A row's first vocabulary block all -inf (the online log-sum-exp once gave NaN there), a middle block, and
+    a padded vocabulary's tail: finite where the label's logit is finite, equal to float64."""
+    V = 9000 if on.type == "cpu" else 128256
+    for masked in (slice(0, 8192), slice(4096, 12288 if V > 12288 else 8000), slice(V - 300, V)):
+        logits, _ = make_batch(2, 4, V, torch.float32, mask="none")
+        logits[..., masked] = float("-inf")
+        g = torch.Generator().manual_seed(1)
+        labels = torch.randint(0, masked.start, (2, 4), generator=g) if masked.start > 0 else \
+            torch.randint(masked.stop, V, (2, 4), generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            out, grad = check_logps(logits.to(dtype), labels, device=on, return_token_stats=True)
+            assert torch.isfinite(out.logps).all() and torch.isfinite(grad).all()
+            # the mean logit of a row holding -inf is -inf, as the oracle's (and TRL's) mean; the rest are finite
+            assert all(torch.isfinite(out.token_stats[k]).all() for k in ("entropy", "log_sum_sq_probs"))
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+def test_vocabulary_major_logits(on):
+    """Vocabulary-major logits (strides (T, 1, N * T)): the variant without ALIGNED, int64 column offsets."""
+    logits, labels = make_batch(3, 5, 1000, torch.float32, mask="random")
+    vmajor = logits.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    out = fastdpo.sequence_logps(vmajor.to(on), labels.to(on), return_token_logps=True)
+    ref = fastdpo.sequence_logps(logits.to(on), labels.to(on), return_token_logps=True)
+    torch.testing.assert_close(out.token_logps, ref.token_logps, rtol=0, atol=logp_tol(logits))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_torch_backend_on_cuda(monkeypatch, dtype):
+    """FASTDPO_BACKEND=torch with CUDA tensors (the PyTorch path once allocated a chunk on the CPU and crashed)."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "torch")
+    check_logps(*make_batch(3, 7, 1000, dtype, mask="random"), device=torch.device("cuda"))
+    check_dpo(*make_pairs(seed=5), device=torch.device("cuda"))
+
+
+@cuda_only
+def test_vocabulary_major_offsets_past_2_32_elements():
+    """Vocabulary-major bf16 logits 16 x 2048 x 128256 (4.2e9 elements, 8.4 GB): entry v of a row lies
+    v * 32768 elements in, past 2^31 from v = 65536; forward reads and in-place backward writes there."""
+    N, T, V = 16, 2048, 128256
+    base = torch.empty(V, N * T, dtype=torch.bfloat16, device="cuda")
+    logits = base.t().view(N, T, V)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, V, generator=g).to(torch.bfloat16)
+    labels = torch.full((N, T), -100, dtype=torch.long)
+    labels[15, 2046] = 127000  # row (15, 2045) scores it: the last rows, the farthest entries
+    labels[15, 2047] = 100
+    logits[15, 2045:2047] = rows.cuda()
+    x = logits.requires_grad_(True)
+    out = fastdpo.sequence_logps(x, labels.cuda(), inplace_backward=True, return_token_logps=True)
+    ref = torch.log_softmax(rows.double(), -1)[[0, 1], [127000, 100]]
+    torch.testing.assert_close(out.token_logps[15, 2046:].double().cpu(), ref, rtol=0, atol=logp_tol(rows))
+    out.logps.sum().backward()
+    grad = logits.detach()[15, 2045:2047].float().cpu()
+    p = torch.softmax(rows.double(), -1)
+    want = -p
+    want[0, 127000] += 1
+    want[1, 100] += 1
+    torch.testing.assert_close(grad.double(), want, rtol=2 ** -7, atol=1e-6)
+    del base, logits, x
+
+
 @pytest.mark.parametrize("on", LANES, indirect=True)
 def test_sequence_logps_strided_views(on):
     """``logits[:, :-1]`` with ``labels[:, 1:]`` read in place, and a vocabulary stride of 2, on the device."""
@@ -245,3 +332,74 @@ def test_trl_patch_under_accelerate_fsdp2(tmp_path):
 
     run_ranks(_trl_ranks, 1, str(tmp_path), True, init=False,
               env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FASTDPO_BACKEND": "auto"})
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_linear_dpo_loss_compiled_equals_eager(on, frozen_head):
+    """torch.compile(fullgraph=True) of the fused-linear loss (its backward compiled by AOTAutograd): eager's
+    results; with a frozen head, no weight gradient."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    B, T, H, V = 2, 16, 32, 1000
+    hidden = torch.randn(2 * B, T, H, generator=g).to(on)
+    weight = (torch.randn(V, H, generator=g) / 4).to(on)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :4] = -100
+    labels = labels.to(on)
+
+    def loss_fn(h, w):
+        return fastdpo.linear_dpo_loss(h, w, labels, chunk_bytes=12 * V * 4).loss
+    runs = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen_head)
+        loss = fn(h, w)
+        loss.backward()
+        runs.append((loss.detach(), h.grad, w.grad))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    assert (runs[0][2] is None) == (runs[1][2] is None) == frozen_head
+
+
+@cuda_only
+def test_linear_dpo_step_captured_in_a_cuda_graph():
+    """The fused-linear DPO forward + backward captured in a CUDA graph (every row through the head during
+    capture: no host read) and replayed: eager's loss and gradients within fp32 rounding; and the backward of
+    linear_sequence_logps never synchronises (its row counts come from the forward, in host memory)."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, V = 4, 128, 256, 32000
+    hidden = (torch.randn(2 * B, T, H, generator=g) / 16).cuda().requires_grad_()
+    weight = torch.randn(V, H, generator=g).cuda().requires_grad_()
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :32] = -100
+    labels = labels.cuda()
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = fastdpo.linear_dpo_loss(hidden, weight, labels).loss
+        loss.backward()
+        return loss.detach(), hidden.grad, weight.grad
+
+    eager = [t.clone() for t in step()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+    out = fastdpo.linear_sequence_logps(hidden, weight, labels)  # forward: one host read, by design
+    loss = out.logps.sum()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

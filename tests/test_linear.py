@@ -267,47 +267,52 @@ def test_weight_gradient_accumulates_in_fp32_whatever_the_chunking(backend):
             assert e_one < 2 ** -7  # bf16-sized, not more
 
 
-def test_default_chunk_bytes():
-    from fastdpo.linear import DEFAULT_CHUNK_BYTES, default_chunk_bytes
+def test_default_chunk_rows():
+    """The default chunk: 128 MiB of logits on CPU, whatever the memory state (a function of the shapes alone)."""
+    from fastdpo._linear import DEFAULT_CHUNK_BYTES, chunk_rows
 
-    assert default_chunk_bytes(torch.device("cpu"), 128256, 2) == DEFAULT_CHUNK_BYTES
+    kw = dict(softcap=False, lean=False, chunk_bytes=None)
+    assert chunk_rows(torch.device("cpu"), 128256, 2, **kw) == DEFAULT_CHUNK_BYTES // (128256 * 2)
+    assert chunk_rows(torch.device("cpu"), 128256, 2, softcap=True, lean=False, chunk_bytes=None) == \
+        DEFAULT_CHUNK_BYTES // (128256 * 4)
+    assert chunk_rows(torch.device("cpu"), 1000, 4, softcap=False, lean=False, chunk_bytes=12000) == 3
 
 
 @pytest.mark.parametrize("lean", [False, True])
-def test_lean_holds_no_fp32_weight_gradient(backend, lean):
+def test_lean_holds_no_fp32_weight_gradient(backend, lean, monkeypatch):
     """The lean setting never creates an fp32 tensor of the LM head's size (the default keeps one: the weight
     gradient's accumulator); both give the logits path's gradients (test above)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from helpers import Allocations, inline_custom_ops
 
-    class Allocations(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.fp32_sizes = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    self.fp32_sizes.add(t.numel())
-            return out
-
+    inline_custom_ops(monkeypatch)
     hidden, weight, _, labels, ref_c, ref_r = inputs(seed=4, dtype=torch.bfloat16)
     h, w = leaves(hidden, weight)
     with Allocations() as spy:
         linear_dpo_loss(h, w, labels, ref_c, ref_r, chunk_bytes=4 * V * 2, lean=lean).loss.backward()
-    assert (V * H in spy.fp32_sizes) != lean
+    assert (V * H in spy.sizes(torch.float32)) != lean
 
 
 @pytest.mark.parametrize("op", ["linear_dpo_loss", "linear_sequence_logps"])
 def test_one_host_sync_per_call(monkeypatch, op):
     """On the kernels' path (what runs on CUDA), forward + backward read the device once (each sequence's
-    completion-row count): no other .tolist(), .item(), boolean indexing or nonzero of unknown size. The
+    completion-row count): no other .tolist(), .item(), boolean indexing or nonzero of unknown size. The backward
+    of ``linear_sequence_logps`` reads those counts again from the CPU tensor the forward returned them in (host
+    memory: no synchronisation; the GPU lane runs that backward under ``set_sync_debug_mode("error")``). The
     CPU-only label check, which reads the labels by design, is switched off here; the PyTorch path, for CPU
     tensors, reads host memory freely."""
     from helpers import HostReads
 
+    from fastdpo import _library
     monkeypatch.setenv("FASTDPO_BACKEND", "triton")
     monkeypatch.setenv("FASTDPO_CHECK_LABELS", "0")
+    counts = []
+    forward = _library.linear_logps_forward
+
+    def spy_forward(*args):
+        out = forward(*args)
+        counts.append(out[-1].data_ptr())
+        return out
+    monkeypatch.setattr(_library, "linear_logps_forward", spy_forward)
     hidden, weight, bias, labels, ref_c, ref_r = inputs(seed=5, bias=True)
     h, w, b = leaves(hidden, weight, bias)
     with HostReads(monkeypatch) as spy:
@@ -316,4 +321,7 @@ def test_one_host_sync_per_call(monkeypatch, op):
         else:
             loss = linear_sequence_logps(h, w, labels, b, chunk_bytes=11 * V * 4).logps.sum()
         loss.backward()
-    assert spy.reads == ["tolist"], spy.reads
+    if op == "linear_dpo_loss":
+        assert spy.reads == ["tolist"], spy.reads
+    else:
+        assert spy.reads == ["tolist", "tolist"] and spy.tensors[1] == counts[0], (spy.reads, spy.tensors, counts)
