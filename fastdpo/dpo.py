@@ -11,9 +11,9 @@ from typing import Dict, Optional
 
 import torch
 
-from fastdpo import _head, _library, _vocab
+from fastdpo import _head, _library, _ops, _vocab
 from fastdpo._checks import check_logits_labels
-from fastdpo.logps import logps_backward, shard_pass
+from fastdpo.logps import logps_backward, packed_inputs, shard_pass
 from fastdpo.losses import DPOLossConfig
 
 
@@ -50,11 +50,12 @@ class FusedDPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ref_chosen_logps, ref_rejected_logps, config: DPOLossConfig,
-                ignore_index=-100, shift=True, inplace_backward=False, process_group=None):
+                ignore_index=-100, shift=True, inplace_backward=False, process_group=None, cu_seqlens=None):
+        """``cu_seqlens``: a packed row of 2B segments (``fastdpo.logps.packed_inputs`` makes its logits and labels)."""
         check_logits_labels(logits, labels, ignore_index)
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
-        N = logits.shape[0]
+        N = logits.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if N % 2 or N == 0:
             raise ValueError(f"logits must hold 2B rows (chosen [0, B), rejected [B, 2B)) with B >= 1, got {N} rows")
         B = N // 2
@@ -67,14 +68,15 @@ class FusedDPOLossFunction(torch.autograd.Function):
         params = list(_head.params(config))
         if process_group is None:
             loss, coef, lse, logps, num_tokens, seq_stats, rewards, metrics = _library.dpo_forward(
-                logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, params)
+                logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, params, cu_seqlens)
         else:  # vocabulary-parallel (see fastdpo._vocab): the backward runs on local labels with the global lse
-            gathered, local = shard_pass(logits, labels, ignore_index, shift, True, process_group)
+            gathered, local = shard_pass(logits, labels, ignore_index, shift, True, process_group, cu_seqlens)
             loss, coef, lse, logps, num_tokens, seq_stats, rewards, metrics = _library.dpo_from_partials(
-                gathered, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, logits.shape[2], params)
+                gathered, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, shift, logits.shape[2], params,
+                cu_seqlens)
             labels, ignore_index = local, _vocab.LOCAL_IGNORE
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, labels, lse, coef)
+            ctx.save_for_backward(logits, labels, lse, coef, cu_seqlens)
         ctx.options = (ignore_index, shift, inplace_backward)
         ctx.mark_non_differentiable(logps, num_tokens, seq_stats, rewards, metrics)
         ctx.set_materialize_grads(False)
@@ -83,20 +85,21 @@ class FusedDPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 9
-        logits, labels, lse, coef = ctx.saved_tensors
+            return (None,) * 10
+        logits, labels, lse, coef, cu = ctx.saved_tensors
         ignore_index, shift, inplace = ctx.options
         coef = coef * grad_loss
-        if coef.dim() == 1:  # one coefficient per sequence, broadcast over its positions (stride 0)
-            coef = coef[:, None].expand(labels.shape)
+        if coef.dim() == 1:  # one coefficient per sequence: broadcast over its positions (stride 0), or gathered
+            coef = (coef[:, None].expand(labels.shape) if cu is None
+                    else coef[_ops.segment_ids(cu, labels.shape[1])][None])
         dlogits = logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace)
-        return dlogits, None, None, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None, None, None
 
 
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optional[torch.Tensor] = None,
              ref_rejected_logps: Optional[torch.Tensor] = None, *, config: Optional[DPOLossConfig] = None,
              ignore_index: int = -100, shift: bool = True, inplace_backward: bool = False,
-             process_group=None, **options) -> DPOLossOutput:
+             process_group=None, cu_seqlens: Optional[torch.Tensor] = None, **options) -> DPOLossOutput:
     """The DPO loss of a concatenated batch of preference pairs, fused with its backward.
 
     Args:
@@ -110,6 +113,9 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
         shift, ignore_index, inplace_backward: as in ``sequence_logps``.
         process_group: vocabulary-parallel, as in ``sequence_logps``: ``logits`` is this rank's vocabulary shard;
             every rank gets the unsharded loss, log-probs, rewards and metrics (one all-gather of 7 fp32 per token).
+        cu_seqlens: a packed batch (padding-free), as in ``sequence_logps``: logits (total, V) or (1, total, V) of
+            2B segments, chosen [0, B) then rejected [B, 2B) (the order of the padded batch's rows). The loss,
+            log-probs, rewards, metrics and the gradient at every real token equal the padded batch's.
 
     Returns:
         ``DPOLossOutput``: loss, log-probs and rewards per pair, and ``metrics`` under TRL's names
@@ -120,9 +126,11 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
         config = DPOLossConfig(**options)
     elif options:
         raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
+    if cu_seqlens is not None:
+        logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=True)
     loss, logps, _, _, rewards, metrics = FusedDPOLossFunction.apply(
         logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward,
-        process_group)
+        process_group, cu_seqlens)
     return dpo_output(loss, logps, rewards, metrics)
 
 
@@ -144,10 +152,11 @@ class DPOLoss(torch.nn.Module):
         self.ignore_index, self.shift, self.inplace_backward = ignore_index, shift, inplace_backward
         self.process_group = process_group
 
-    def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None) -> DPOLossOutput:
+    def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                cu_seqlens=None) -> DPOLossOutput:
         return dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, config=self.config,
                         ignore_index=self.ignore_index, shift=self.shift, inplace_backward=self.inplace_backward,
-                        process_group=self.process_group)
+                        process_group=self.process_group, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return repr(self.config)

@@ -5,7 +5,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 
 from fastdpo import _library, _ops, _vocab
-from fastdpo._checks import check_logits_labels
+from fastdpo._checks import check_cu_seqlens, check_logits_labels, packed_shapes
 
 
 class SequenceLogps(NamedTuple):
@@ -31,41 +31,58 @@ class SequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index=-100, shift=True, average=False, inplace_backward=False,
-                with_stats=False, process_group=None):
+                with_stats=False, process_group=None, cu_seqlens=None):
+        """``cu_seqlens``: a packed row (``packed_inputs`` makes logits (1, total, V) and labels (1, total) with
+        the segment starts masked); sequences are then its segments."""
         check_logits_labels(logits, labels, ignore_index)
         if process_group is None:
             token_logps, lse, stats, logps, num_tokens = _library.logps_forward(logits, labels, ignore_index, shift,
-                                                                              bool(with_stats))
+                                                                              bool(with_stats), cu_seqlens)
         else:  # vocabulary-parallel: the backward runs on the shard's local labels with the global lse
-            gathered, local = shard_pass(logits, labels, ignore_index, shift, bool(with_stats), process_group)
+            gathered, local = shard_pass(logits, labels, ignore_index, shift, bool(with_stats), process_group,
+                                         cu_seqlens)
             token_logps, lse, stats, logps, num_tokens = _library.logps_from_partials(
-                gathered, labels, ignore_index, shift, logits.shape[2], bool(with_stats))
+                gathered, labels, ignore_index, shift, logits.shape[2], bool(with_stats), cu_seqlens)
             labels, ignore_index = local, _vocab.LOCAL_IGNORE
         if average:
             logps = logps * _mean_scale(num_tokens, logps.dtype)
         ctx.mark_non_differentiable(num_tokens, stats)
         ctx.set_materialize_grads(False)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, labels, lse, num_tokens)
+            ctx.save_for_backward(logits, labels, lse, num_tokens, cu_seqlens)
         ctx.options = (ignore_index, shift, average, inplace_backward)
         return logps, token_logps, num_tokens, stats
 
     @staticmethod
     def backward(ctx, grad_logps, grad_token_logps, _grad_num_tokens, _grad_stats=None):
-        logits, labels, lse, num_tokens = ctx.saved_tensors
+        logits, labels, lse, num_tokens, cu = ctx.saved_tensors
         ignore_index, shift, average, inplace = ctx.options
-        coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average)
+        coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, average, cu)
         return (logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
-def shard_pass(logits, labels, ignore_index, shift, with_stats, process_group):
+def shard_pass(logits, labels, ignore_index, shift, with_stats, process_group, cu=None):
     """A vocabulary shard's forward and the one all-gather: (every shard's partials (P, K, N, T), this shard's
     local labels (N, T)); see ``fastdpo._vocab``."""
     Vp = logits.shape[2]
-    rank, size = _vocab.check_split(process_group, Vp, tuple(labels.shape), logits, "logits")
+    rank, size = _vocab.check_split(process_group, Vp, labels, logits, "logits", ignore_index=ignore_index,
+                                    shift=shift, agree=(int(with_stats),), cu=cu)
     partials, local = _library.shard_forward(logits, labels, ignore_index, shift, rank * Vp, size * Vp, with_stats)
     return _vocab.gather(partials, process_group, size), local
+
+
+def packed_inputs(logits, labels, cu_seqlens, ignore_index: int, shift: bool, *, pairs: bool):
+    """A packed batch as the ops run it: logits (total, V) or (1, total, V) -> (1, total, V) (a view), labels
+    (total,) or (1, total) -> (1, total) with each segment's first position masked when shifting (the last token
+    of a segment scores nothing, as in the padded batch). Checks everything first (``check_cu_seqlens``)."""
+    logits = packed_shapes("logits", logits, 1)
+    labels = packed_shapes("labels", labels, 0)
+    check_logits_labels(logits, labels, ignore_index)
+    check_cu_seqlens(cu_seqlens, labels.shape[1], labels.device, pairs=pairs)
+    if shift:
+        labels = _ops.mask_segment_starts(labels, cu_seqlens, ignore_index)
+    return logits, labels
 
 
 def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
@@ -76,22 +93,27 @@ def logps_backward(logits, labels, lse, coef, ignore_index, shift, inplace):
     return _library.logps_backward(logits, labels, lse, coef, ignore_index, shift)
 
 
-def sequence_coef(labels, num_tokens, grad_seq, grad_token, average):
-    """d loss / d token-logp (N, T), aligned with the labels, from gradients of the per-sequence (N,) and
+def sequence_coef(labels, num_tokens, grad_seq, grad_token, average, cu=None):
+    """d loss / d token-logp (N, T), aligned with the labels, from gradients of the per-sequence (S,) and
     per-token (N, T) outputs. Masked positions may hold anything: the backward never reads them. A
-    per-sequence gradient alone is broadcast (stride 0), never materialised."""
+    per-sequence gradient alone is broadcast (stride 0), never materialised; in a packed row (``cu``) it is
+    gathered per position."""
     if grad_seq is not None and average:
         grad_seq = grad_seq * _mean_scale(num_tokens, grad_seq.dtype)
+    if grad_seq is not None:
+        per_pos = (grad_seq[:, None].expand(labels.shape) if cu is None
+                   else grad_seq[_ops.segment_ids(cu, labels.shape[1])][None])
     if grad_token is None:
         if grad_seq is None:
             return labels.new_zeros(labels.shape, dtype=torch.float32)
-        return grad_seq[:, None].expand(labels.shape)
-    return grad_token if grad_seq is None else grad_token + grad_seq[:, None]
+        return per_pos
+    return grad_token if grad_seq is None else grad_token + per_pos
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,
                    average: bool = False, return_token_logps: bool = False, return_token_stats: bool = False,
-                   inplace_backward: bool = False, process_group=None) -> SequenceLogps:
+                   inplace_backward: bool = False, process_group=None,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> SequenceLogps:
     """Per-sequence log-probs of ``labels`` under ``logits``, in one pass over the logits.
 
     Args:
@@ -109,12 +131,23 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
             the global ids, the same on every rank. Every rank gets the unsharded outputs; the gradient of the
             shard is its part of the full gradient (the upstream gradient must be the same on every rank, as it
             is when each computes the same loss). One all-gather of 2 fp32 per token (7 with the statistics).
+        cu_seqlens: a packed batch (padding-free): logits (total, V) or (1, total, V), labels (total,) or
+            (1, total), sequence s its tokens [cu_seqlens[s], cu_seqlens[s + 1]) (1-D int32/int64 offsets, 0 first,
+            the token count last: flash-attention's ``cu_seq_lens``). Every output has the padded op's meaning:
+            per-sequence outputs (S,), per-token ones shaped like ``labels``; with ``shift`` no token scores across
+            a boundary (a segment's last token scores nothing, as a padded sequence's).
 
     Returns:
         ``SequenceLogps(logps (N,) fp32, num_tokens (N,) int64, token_logps (N, T) fp32 or None,
         token_stats or None)``.
     """
+    shape = labels.shape if isinstance(labels, torch.Tensor) else None
+    if cu_seqlens is not None:
+        logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=False)
     logps, token_logps, num_tokens, stats = SequenceLogpsFunction.apply(
-        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats, process_group)
+        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats, process_group, cu_seqlens)
+    if cu_seqlens is not None:
+        token_logps = token_logps.view(shape)
+        stats = stats.view(4, *shape) if return_token_stats else stats
     return SequenceLogps(logps, num_tokens, token_logps if return_token_logps else None,
                          _ops.named_token_stats(stats) if return_token_stats else None)

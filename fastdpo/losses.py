@@ -197,6 +197,21 @@ def ld_token_weights(valid_pos: torch.Tensor, ld_alpha: float) -> torch.Tensor:
     return torch.where(valid_pos, w, 0.0)
 
 
+def ld_token_weights_packed(valid_pos: torch.Tensor, cu: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """``ld_token_weights`` for a packed row: ``valid_pos`` (total,) bool, sequences the segments [cu[s], cu[s + 1])
+    (chosen [0, B), rejected [B, 2B)); the same weights, position for position, as the padded batch."""
+    total = valid_pos.numel()
+    cu = cu.long().clamp(0, total)
+    seg = (torch.searchsorted(cu, torch.arange(total, device=cu.device), right=True) - 1).clamp(0, cu.numel() - 2)
+    cs = torch.cat([cu.new_zeros(1), valid_pos.long().cumsum(0)])
+    pos = cs[1:] - cs[cu[:-1]][seg]  # the index of each completion token within its sequence, from 1
+    lens = cs[cu[1:]] - cs[cu[:-1]]
+    chosen_lens, rejected_lens = lens.chunk(2)
+    shared = torch.minimum(chosen_lens, rejected_lens).repeat(2)
+    w = torch.where(pos <= shared[seg], 1.0, ld_alpha)
+    return torch.where(valid_pos, w, 0.0)
+
+
 def token_nll(chosen_sums, total_chosen_tokens) -> torch.Tensor:
     """Token-level mean NLL of the chosen completions: TRL's ``sft`` loss (the same for every pair, so its mean
     over pairs is itself) and RPO's NLL term."""
