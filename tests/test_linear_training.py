@@ -145,6 +145,7 @@ def test_default_chunk_is_a_function_of_the_shapes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (state["free"], 80 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: state["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     dev = torch.device("cuda", 0)
     kw = dict(softcap=False, lean=False, chunk_bytes=None)
     fresh = _linear.chunk_rows(dev, 128256, 2, **kw)
