@@ -96,9 +96,12 @@ def trainer_step(tmp_path, config, context, cls=None, prepare=None):
     return loss.detach(), metrics, [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
 
 
+LEARNING_RATE = 1e-3
+
+
 def train_three_steps(path, **config):
-    """3 AdamW steps: (the logged rows, the final weights)."""
-    trainer = dpo_trainer(path, max_steps=3, learning_rate=1e-3, **config)
+    """3 AdamW steps at LEARNING_RATE: (the logged rows, the final weights)."""
+    trainer = dpo_trainer(path, max_steps=3, learning_rate=LEARNING_RATE, **config)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
