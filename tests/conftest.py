@@ -38,11 +38,12 @@ def _legacy_trl() -> bool:
 
 
 # tests/trl0 needs TRL 0.26-0.28 and transformers 4.x, which cannot share a venv with the rest (TRL 1.16,
-# transformers 5): it runs in its own venv (tests/trl0/run.sh, a CI step of its own) and only there.
+# transformers 5): it runs in its own venv (tests/trl0/run.sh, a CI step of its own) and only there. So does
+# tests/llamafactory (LLaMA-Factory 0.9.5 pins TRL 0.24 and transformers <= 5.6; tests/llamafactory/run.sh).
 if _legacy_trl():
     collect_ignore = [str(p) for p in pathlib.Path(__file__).parent.glob("test_*.py")]
 elif GPU_LANE:
-    collect_ignore = ["trl0"] + [str(p) for p in pathlib.Path(__file__).parent.glob("test_*.py")
-                                 if p.name != "test_gpu_lane.py"]
+    collect_ignore = ["trl0", "llamafactory"] + [str(p) for p in pathlib.Path(__file__).parent.glob("test_*.py")
+                                                 if p.name != "test_gpu_lane.py"]
 else:
-    collect_ignore = ["trl0"]
+    collect_ignore = ["trl0", "llamafactory"]
