@@ -1,4 +1,5 @@
-"""fastdpo.dpo_loss equals what the real TRL 1.16 DPOTrainer computes and logs, for every loss type it accepts.
+"""fastdpo.dpo_loss equals what the real TRL 1.x DPOTrainer computes and logs, for every loss type it accepts: TRL 1.16
+in the main venv, 1.14.1, 1.14.2 and 1.15.0 through tests/trl1/run.sh (the PyTorch path there).
 
 One trainer (tiny random Llama, in-memory tokenizer, 16 pairs, offline) gives one batch; for each
 configuration TRL's own ``_compute_loss`` runs on it, then fastdpo on the same model's logits with the
