@@ -35,8 +35,8 @@ The reference is LLaMA-Factory's: a reference model, or with LoRA the policy wit
 Falls back, logged: an encoder-decoder model runs LLaMA-Factory's own ``concatenated_forward``. The fused-linear
 path gives way to the logits path for inputs beyond ``input_ids`` / ``attention_mask`` (multimodal, packed), a
 model class from outside transformers (remote code, whose forward may transform the hidden states), an LM head
-that is not a plain ``nn.Linear`` (LoRA or ``additional_target`` on it), a head DeepSpeed ZeRO-3 partitions,
-FSDP1, a model wrapped in anything but DDP or PEFT, and configs with logit scaling or softcapping (the
+that is not a plain ``nn.Linear`` (LoRA or ``additional_target`` on it), a model wrapped in anything but DDP or
+PEFT (DeepSpeed's engine, whatever its stage), a head DeepSpeed ZeRO-3 partitions, FSDP1, and configs with logit scaling or softcapping (the
 ``logits/*`` metrics would need the logits). Not reached: LLaMA-Factory's other trainers (KTO, ``use_mca``'s
 Megatron trainer, ``USE_V1``).
 """
@@ -143,13 +143,15 @@ def _log_once(message: str) -> None:
 
 
 def _causal_lm(model):
-    """What ``fastdpo.policy_logps`` will see: the model inside DDP and PEFT wrappers, or None."""
+    """What ``fastdpo.policy_logps`` will see: the model inside DDP and PEFT wrappers, or None if that is not a
+    transformers model (DeepSpeed's engine, say, which forwards attribute look-ups to the model it wraps)."""
+    from transformers import PreTrainedModel
+
     inner = model
     while isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         inner = inner.module
     lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    ok = hasattr(lm, "get_output_embeddings") and hasattr(lm, "base_model_prefix") and hasattr(lm, "config")
-    return lm if ok else None
+    return lm if isinstance(lm, PreTrainedModel) else None
 
 
 def _linear_blocker(trainer, model, batch):
@@ -159,7 +161,7 @@ def _linear_blocker(trainer, model, batch):
         return f"the batch carries {extra} (multimodal or packed inputs)"
     lm = _causal_lm(model)
     if lm is None:
-        return f"the model is wrapped in {type(model).__name__} (DDP and PEFT are unwrapped)"
+        return f"the model is a {type(model).__name__} (only DDP and PEFT wrappers are looked through)"
     if not type(lm).__module__.startswith("transformers.models."):
         return (f"{type(lm).__name__} is not a transformers model class (remote code may transform the hidden "
                 "states before its head)")

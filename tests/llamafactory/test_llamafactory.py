@@ -286,3 +286,24 @@ def test_importing_fastdpo_does_not_import_llamafactory(tmp_path):
     code = ("import sys, fastdpo, fastdpo.integrations.llamafactory; "
             "assert 'llamafactory' not in sys.modules and 'trl' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=""), cwd=tmp_path)
+
+
+def test_wrappers_other_than_ddp_and_peft_take_the_logits_path():
+    """A wrapper that forwards attribute look-ups to the model (as DeepSpeed's engine does) would hand
+    policy_logps the wrapper: the fused-linear path is refused with the wrapper named."""
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+    model = tiny_llama(len(tiny_tokenizer()))
+    trainer = type("T", (), {"is_fsdp_enabled": False})()
+    batch = {"input_ids": None, "attention_mask": None}
+    assert fdl._linear_blocker(trainer, model, batch) is None
+    assert "Engine" in fdl._linear_blocker(trainer, Engine(model), batch)
+    assert "token_type_ids" in fdl._linear_blocker(trainer, model, dict(batch, token_type_ids=None))
