@@ -1,4 +1,4 @@
-"""The example users run, and README's minimal DPO step, actually train."""
+"""The example users run, and the minimal DPO step of docs/trainers.md, actually train."""
 
 import os
 import re
@@ -24,14 +24,14 @@ def test_example_learns():
     assert losses[-1] < losses[0] - 0.1 and margins[-1] > margins[0] + 0.5, proc.stdout
 
 
-def test_readme_dpo_step_runs():
-    """The training-loop function README shows, executed as written on a tiny model."""
+def test_docs_dpo_step_runs():
+    """The training-loop function docs/trainers.md shows, executed as written on a tiny model."""
     from trl_utils import tiny_llama
 
     import fastdpo
     from fastdpo.reference import collate_pairs
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "trainers.md")).read()
     code = re.search(r"```python\n(import torch, fastdpo\n\ndef dpo_step.*?)```", readme, re.S).group(1)
     scope = {}
     exec(code, scope)

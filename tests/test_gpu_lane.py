@@ -403,3 +403,43 @@ def test_linear_dpo_step_captured_in_a_cuda_graph():
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("on", LANES, indirect=True)
+def test_packed_equals_padded(on):
+    """A packed batch (cu_seqlens) through dpo_loss and linear_dpo_loss on the device: the padded batch's loss
+    and gradients; on CUDA the logits path does it without a synchronising call."""
+    from test_packed import pack, padded_batch
+
+    lengths = [40, 0, 33, 1, 17, 25]
+    logits, labels = padded_batch(lengths, V=1000, seed=11)
+    ref_c, ref_r = torch.tensor([-50.0, -60.0, -40.0]).to(on), torch.tensor([-55.0, -45.0, -42.0]).to(on)
+    x = logits.to(on).clone().requires_grad_()
+    a = fastdpo.dpo_loss(x, labels.to(on), ref_c, ref_r, ld_alpha=0.5)
+    a.loss.backward()
+    packed, cu = pack(logits, lengths)
+    xp = packed.to(on).clone().requires_grad_()
+    plabels, cu = pack(labels, lengths)[0].to(on), cu.to(on)
+    if on.type == "cuda":
+        fastdpo.dpo_loss(xp, plabels, ref_c, ref_r, cu_seqlens=cu, ld_alpha=0.5).loss.backward()  # compile first
+        xp.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        b = fastdpo.dpo_loss(xp, plabels, ref_c, ref_r, cu_seqlens=cu, ld_alpha=0.5)
+        b.loss.backward()
+    finally:
+        if on.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xp.grad.cpu(), pack(x.grad.cpu(), lengths)[0], rtol=1e-5, atol=1e-9)
+    g = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(len(lengths), max(lengths), 16, generator=g), torch.randn(1000, 16, generator=g)
+    h = hidden.to(on).clone().requires_grad_()
+    a = fastdpo.linear_dpo_loss(h, weight.to(on), labels.to(on), ref_c, ref_r)
+    a.loss.backward()
+    hp = pack(hidden, lengths)[0].to(on).clone().requires_grad_()
+    b = fastdpo.linear_dpo_loss(hp, weight.to(on), plabels, ref_c, ref_r, cu_seqlens=cu)
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hp.grad.cpu(), pack(h.grad.cpu(), lengths)[0], rtol=1e-5, atol=1e-6)
