@@ -88,3 +88,11 @@ def packed_shapes(name: str, t, feature_dims: int):
         return t
     raise ValueError(f"{name} of a packed batch (cu_seqlens given) must be (total{', ...' * feature_dims}) or "
                      f"(1, total{', ...' * feature_dims}), got shape {tuple(t.shape)}")
+
+
+def check_inplace(logits: torch.Tensor, inplace_backward: bool) -> None:
+    """``inplace_backward`` writes each logit's own gradient into its storage: logits whose elements share memory
+    (an expanded tensor) cannot hold them."""
+    if inplace_backward and torch._debug_has_internal_overlap(logits) == 1:
+        raise ValueError("inplace_backward needs logits whose elements do not share memory (an expanded tensor's "
+                         "do): pass a contiguous copy, or inplace_backward=False")

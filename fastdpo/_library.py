@@ -200,20 +200,21 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastdpo::linear_logps_forward", mutates_args=())
 def linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
-                         shift: bool, opts: List[float], chunk: int, with_stats: bool, cu: Optional[Tensor] = None
+                         shift: bool, opts: List[float], chunk_bytes: int, with_stats: bool, cu: Optional[Tensor] = None
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``sequence_logps`` of ``transform(hidden @ weight.T + bias)`` in chunks of ``chunk`` completion rows:
+    """``sequence_logps`` of ``transform(hidden @ weight.T + bias)`` in chunks of ``chunk_bytes`` of logits (0: the
+    default, chosen here at run time, ``fastdpo._linear.chunk_rows``):
     (token_logps (N, T), lse (N * T,) per row, stats (4, N, T) or (0,), logps (N,), num_tokens (N,) int64,
     row counts (N,) int64 on the CPU: what the backward needs to skip the host read)."""
     check_label_range(labels, weight.shape[0], ignore_index)
     token_logps, lse, stats, logps, num_tokens, counts = _linear.sequence_logps_forward(
         hidden, weight, bias, labels, ignore_index=ignore_index, shift=shift,
-        opts=_linear.LogitOptions.from_list(opts), chunk=chunk, with_stats=with_stats, cu=cu)
+        opts=_linear.LogitOptions.from_list(opts), chunk_bytes=chunk_bytes or None, with_stats=with_stats, cu=cu)
     return token_logps, lse, _empty_if_none(stats, token_logps), logps, num_tokens, counts
 
 
 @linear_logps_forward.register_fake
-def _(hidden, weight, bias, labels, ignore_index, shift, opts, chunk, with_stats, cu=None):
+def _(hidden, weight, bias, labels, ignore_index, shift, opts, chunk_bytes, with_stats, cu=None):
     N, T, _ = hidden.shape
     S = _num_seqs(labels, cu)
     dt = torch.float64 if torch.promote_types(hidden.dtype, weight.dtype) == torch.float64 else torch.float32
@@ -227,18 +228,18 @@ def _(hidden, weight, bias, labels, ignore_index, shift, opts, chunk, with_stats
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
 def linear_logps_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
                           coef: Tensor, counts: Tensor, ignore_index: int, shift: bool, opts: List[float],
-                          chunk: int, lean: bool, needs: List[bool], cu: Optional[Tensor] = None
+                          chunk_bytes: int, lean: bool, needs: List[bool], cu: Optional[Tensor] = None
                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``linear_logps_forward``'s log-probs from ``coef`` (N, T) (d loss / d token log-prob):
     (hidden's, weight's, bias's), each (0,) where ``needs`` says no."""
     grads = _linear.sequence_logps_backward(
         hidden, weight, bias, labels, lse, coef, counts, ignore_index=ignore_index, shift=shift,
-        opts=_linear.LogitOptions.from_list(opts), chunk=chunk, lean=lean, needs=needs, cu=cu)
+        opts=_linear.LogitOptions.from_list(opts), chunk_bytes=chunk_bytes or None, lean=lean, needs=needs, cu=cu)
     return tuple(_empty_if_none(g, hidden) for g in grads)
 
 
 @linear_logps_backward.register_fake
-def _(hidden, weight, bias, labels, lse, coef, counts, ignore_index, shift, opts, chunk, lean, needs, cu=None):
+def _(hidden, weight, bias, labels, lse, coef, counts, ignore_index, shift, opts, chunk_bytes, lean, needs, cu=None):
     return _fake_grads(hidden, weight, bias, needs)
 
 
@@ -251,7 +252,7 @@ def _fake_grads(hidden, weight, bias, needs):
 @torch.library.custom_op("fastdpo::linear_dpo_forward", mutates_args=())
 def linear_dpo_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                        ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor], ignore_index: int, shift: bool,
-                       params: List[float], opts: List[float], chunk: int, lean: bool, needs: List[bool],
+                       params: List[float], opts: List[float], chunk_bytes: int, lean: bool, needs: List[bool],
                        pair_local: bool, cu: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The DPO loss of ``transform(hidden @ weight.T + bias)`` and, with it, the gradients of the inputs ``needs``
@@ -260,13 +261,13 @@ def linear_dpo_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
     check_label_range(labels, weight.shape[0], ignore_index)
     out = _linear.dpo_forward(hidden, weight, bias, labels, ref_chosen, ref_rejected, _head.HeadParams(*params),
                               ignore_index=ignore_index, shift=shift, opts=_linear.LogitOptions.from_list(opts),
-                              chunk=chunk, lean=lean, needs=needs, pair_local=pair_local, cu=cu)
+                              chunk_bytes=chunk_bytes or None, lean=lean, needs=needs, pair_local=pair_local, cu=cu)
     return (out.loss, out.logps, out.num_tokens, out.seq_stats, out.rewards, out.metrics,
             *(_empty_if_none(g, hidden) for g in out.grads))
 
 
 @linear_dpo_forward.register_fake
-def _(hidden, weight, bias, labels, ref_chosen, ref_rejected, ignore_index, shift, params, opts, chunk, lean, needs,
+def _(hidden, weight, bias, labels, ref_chosen, ref_rejected, ignore_index, shift, params, opts, chunk_bytes, lean, needs,
       pair_local, cu=None):
     N = _num_seqs(labels, cu)
     dt = torch.float64 if torch.promote_types(hidden.dtype, weight.dtype) == torch.float64 else torch.float32

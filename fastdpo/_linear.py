@@ -117,9 +117,15 @@ def chunk_rows(device: torch.device, vocab_size: int, element_size: int, *, soft
 
 def allocator_free_bytes(device: torch.device) -> int:
     """What torch's allocator can still hand out on ``device``: the driver's free memory plus the blocks the
-    caching allocator holds unused (reserved, not allocated)."""
-    free, _ = torch.cuda.mem_get_info(device)  # a driver query, not a stream synchronisation
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    caching allocator holds unused (reserved, not allocated), within the process's memory fraction if one is set
+    (``torch.cuda.set_per_process_memory_fraction``)."""
+    free, total = torch.cuda.mem_get_info(device)  # a driver query, not a stream synchronisation
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        available = min(available, int(fraction(device) * total) - allocated)
+    return available
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -170,6 +176,9 @@ def completion_rows(labels: torch.Tensor, ignore_index: int, shift: bool, *, pai
     if counts is None:
         counts = valid.sum(1) if cu is None else _ops.segment_sum(valid.reshape(-1).long(), cu)
     per_seq = counts.tolist()  # the host read (of host memory when ``counts`` came from a forward)
+    if any(c < 0 for c in per_seq):  # untrusted offsets (a GPU's cu_seqlens, unchecked until now)
+        raise ValueError("cu_seqlens must start at 0, be non-decreasing and end at the token count: some offsets "
+                         "are not")
     mask = valid.reshape(-1)[order]
     try:
         picked = torch.nonzero_static(mask, size=sum(per_seq)).squeeze(1)
@@ -227,6 +236,12 @@ class Head:
     @property
     def acc_dtype(self) -> torch.dtype:
         return torch.float64 if self.cdt == torch.float64 else torch.float32
+
+    def chunk(self, chunk_bytes: Optional[int], lean: bool) -> int:
+        """Rows per chunk (``chunk_rows``), chosen at run time inside the op: on a GPU it may query the allocator,
+        which a traced graph cannot."""
+        return chunk_rows(self.h.device, self.V, self.w.element_size(), softcap=self.opts.softcap is not None,
+                          lean=lean, chunk_bytes=chunk_bytes)
 
     def buffer_bytes(self, rows: int) -> int:
         """Bytes of logits buffers a chunk of ``rows`` rows holds (two with softcapping: the backward needs the
@@ -327,8 +342,10 @@ class Grads:
         for v0 in range(0, head.V, tile):
             v1 = min(head.V, v0 + tile)
             z = head.tile_logits(h, v0, v1)
-            # V is never a shifted target (targets - v0 < V - v0): every row is scored
-            dz = head.dlogits(z, targets - v0, lse, coef, ignore_index=head.V)
+            # V is never a shifted target (targets - v0 < V - v0): every completion row is scored; rows without a
+            # target (NO_LABEL: every row is taken while a CUDA graph is captured) are mapped to V, scoring nothing
+            dz = head.dlogits(z, torch.where(targets == NO_LABEL, head.V, targets - v0), lse, coef,
+                              ignore_index=head.V)
             if self.weight is not None:
                 if self.weight.dtype == dz.dtype:
                     torch.mm(dz.t(), h, out=self.weight[v0:v1])
@@ -350,7 +367,17 @@ class Grads:
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, with acc in fp32 (or fp64) and a, b maybe in half precision: the product formed in acc's
-    dtype, each chunk's partial never rounded to the inputs' dtype."""
+    dtype, each chunk's partial never rounded to the inputs' dtype. Under autocast a chunk's logits (hence a) can
+    be bf16 while the rows they came from (b) are fp32: both go to the lower precision first, as autocast's own
+    GEMM would (a CUDA GEMM with ``out_dtype`` takes one input dtype)."""
+    if a.dtype != b.dtype:
+        low = a.dtype if a.element_size() < b.element_size() else b.dtype
+        a, b = a.to(low), b.to(low)
+    _gemm_into(acc, a, b)
+
+
+def _gemm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a and b of one dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and _ADDMM_OUT_DTYPE:  # fp32 accumulation in the GEMM's epilogue
@@ -413,6 +440,8 @@ class RowOutputs:
     def chunk(self, sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
         """Completion rows ``sl`` through the head and the log-prob kernel; returns the chunk's (h, logits)."""
         idx = self.rows.idx[sl]
+        if idx.numel() == 0:  # a group of pairs without completion tokens: nothing to compute
+            return self.head.h[:0], self.head.h.new_empty((0, self.head.V))
         h, z = self.head.logits(idx)
         rl, self.lse[sl], st = Head.logps(z, self.targets[sl], self.with_stats, with_max=self.shard is not None)
         if self.shard is not None:
@@ -446,13 +475,14 @@ def recompute_grads(head: Head, rows: Rows, out: RowOutputs, coef: torch.Tensor,
 
 
 def sequence_logps_forward(hidden, weight, bias, labels, *, ignore_index: int, shift: bool, opts: LogitOptions,
-                           chunk: int, with_stats: bool, shard: Optional[Shard] = None,
+                           chunk_bytes: Optional[int], with_stats: bool, shard: Optional[Shard] = None,
                            cu: Optional[torch.Tensor] = None):
     """Per-sequence log-probs: (token_logps (N, T) at positions, lse (N * T,) per row (0 off the completion),
     stats (4, N, T) or None, logps (S,), num_tokens (S,), row counts (S,) int64 on the CPU). With ``cu``: one
     packed row (N = 1) of S segments, its segment starts masked."""
     N, T, _ = hidden.shape
     head = Head(hidden, weight, bias, opts)
+    chunk = head.chunk(chunk_bytes, lean=False)
     rows = completion_rows(labels, ignore_index, shift, pair_major=False, cu=cu)
     out = RowOutputs(head, rows, N, T, with_stats, shard)
     for sl in row_chunks(rows.M, chunk):
@@ -475,11 +505,12 @@ def sequence_logps_forward(hidden, weight, bias, labels, *, ignore_index: int, s
 
 
 def sequence_logps_backward(hidden, weight, bias, labels, lse_rows, coef, counts, *, ignore_index: int,
-                            shift: bool, opts: LogitOptions, chunk: int, lean: bool, needs: Sequence[bool],
-                            shard: Optional[Shard] = None, cu: Optional[torch.Tensor] = None):
+                            shift: bool, opts: LogitOptions, chunk_bytes: Optional[int], lean: bool,
+                            needs: Sequence[bool], shard: Optional[Shard] = None, cu: Optional[torch.Tensor] = None):
     """Gradients of ``linear_sequence_logps`` from ``coef`` (N, T) at positions (d loss / d token log-prob):
     (hidden's, weight's, bias's), None where not needed. ``counts``: the forward's row counts (no host read)."""
     head = Head(hidden, weight, bias, opts)
+    chunk = head.chunk(chunk_bytes, lean)
     rows = completion_rows(labels, ignore_index, shift, pair_major=False, counts=counts, cu=cu)
     grads = Grads(hidden, weight, bias, needs, lean)
     if grads.any:
@@ -577,8 +608,8 @@ class _PairHead:
 
 
 def dpo_forward(hidden, weight, bias, labels, ref_c, ref_r, p: _head.HeadParams, *, ignore_index: int,
-                shift: bool, opts: LogitOptions, chunk: int, lean: bool, needs: Sequence[bool], pair_local: bool,
-                shard: Optional[Shard] = None, cu: Optional[torch.Tensor] = None) -> DPOOutputs:
+                shift: bool, opts: LogitOptions, chunk_bytes: Optional[int], lean: bool, needs: Sequence[bool],
+                pair_local: bool, shard: Optional[Shard] = None, cu: Optional[torch.Tensor] = None) -> DPOOutputs:
     """The DPO loss of hidden states (2B, T, H) and its gradients (those of the inputs that need one), in one
     pass where it can: the gradients are known with the loss. Grouped mode when each chunk can hold whole pairs
     and each pair's gradient is its own (``pair_local``): a chunk's gradients use its logits still in the buffer
@@ -586,6 +617,7 @@ def dpo_forward(hidden, weight, bias, labels, ref_c, ref_r, p: _head.HeadParams,
     N, T, _ = hidden.shape
     B = (N if cu is None else cu.numel() - 1) // 2
     head = Head(hidden, weight, bias, opts)
+    chunk = head.chunk(chunk_bytes, lean)
     rows = completion_rows(labels, ignore_index, shift, pair_major=True, cu=cu)  # step 1: the one host read
     out = RowOutputs(head, rows, N, T, True, shard)
     pairs = _PairHead(out, rows, labels, ref_c, ref_r, p, ignore_index, shift, cu)

@@ -110,11 +110,26 @@ def mask_segment_starts(labels: torch.Tensor, cu: torch.Tensor, ignore_index: in
 
 def segment_sum(values: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """(..., total) -> (..., S): sums over the segments [cu[s], cu[s + 1]) in a fixed order (a float64 or int64
-    running sum: the same bits on every run, any device)."""
+    running sum: the same bits on every run, any device). A segment whose offsets cannot be trusted (outside
+    [0, total], decreasing, a first other than 0 or a last other than total: on a GPU no host check reads them)
+    sums to NaN (-1 for integers), as in the kernel."""
+    total = values.shape[-1]
     acc = values.long() if not values.dtype.is_floating_point else values.double()
     cs = torch.cat([acc.new_zeros(acc.shape[:-1] + (1,)), acc.cumsum(-1)], -1)
-    cu = cu.long().clamp(0, values.shape[-1])
-    return (cs[..., cu[1:]] - cs[..., cu[:-1]]).to(values.dtype)
+    bad = bad_segments(cu, total)
+    cu = cu.long().clamp(0, total)
+    out = (cs[..., cu[1:]] - cs[..., cu[:-1]]).to(values.dtype)
+    return out.masked_fill(bad, float("nan") if values.dtype.is_floating_point else -1)
+
+
+def bad_segments(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """(S,) bool: the segments whose offsets cannot be trusted (computed on the device: no host read)."""
+    cu = cu.long()
+    start, end = cu[:-1], cu[1:]
+    bad = (start < 0) | (start > end) | (end > total)
+    bad[0] |= start[0] != 0
+    bad[-1] |= end[-1] != total
+    return bad
 
 
 def logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
@@ -296,7 +311,7 @@ def _torch_forward(logits, labels, ignore_index, shift, with_stats, with_max=Fal
                     stats[i, n, t0:t1] = torch.where(ok, r, 0.0)
     token_logps = rows_to_positions(row_logps, shift)
     if stats is not None:
-        stats = rows_to_positions(stats.view(-1, T), shift).view(stats.shape)
+        stats = rows_to_positions(stats.view(stats.shape[0] * N, T), shift).view(stats.shape)  # (T may be 0)
     return token_logps, lse, stats
 
 

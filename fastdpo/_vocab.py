@@ -29,6 +29,8 @@ the ordinary backward kernel with the local labels (a target elsewhere adds no o
 ops sum the hidden-state gradient over the group (``all_reduce_sum_``), as Megatron's column-parallel head does.
 """
 
+import contextlib
+import contextvars
 import os
 from typing import Optional, Tuple
 
@@ -71,6 +73,36 @@ def labels_fingerprint(labels: torch.Tensor) -> torch.Tensor:
     return (pieces[:, None, :] * weights[None, :, :]).sum(-1).reshape(-1)
 
 
+_AGREEMENT = contextvars.ContextVar("fastdpo_agreement", default=None)
+
+
+@contextlib.contextmanager
+def agreement(group, n_agree: int):
+    """Wraps a vocabulary-parallel call: an input this rank refuses before the call's agreement collective
+    (``check_split``) still joins that collective, marked as a refusal, so that every other rank raises too (a
+    ``ValueError`` naming the refusing ranks) instead of waiting in it; this rank then raises its own error.
+    ``n_agree``: the number of caller numbers the call's ``check_split`` sends. No group: nothing to agree."""
+    if group is None:
+        yield
+        return
+    state = {"joined": False}
+    token = _AGREEMENT.set(state)
+    try:
+        yield
+    except (ValueError, TypeError):
+        if not state["joined"] and dist.is_available() and isinstance(group, dist.ProcessGroup):
+            state["joined"] = True
+            dev = (torch.device("cpu") if dist.get_backend(group) == "gloo"
+                   else torch.device("cuda", torch.cuda.current_device()))
+            mine = torch.zeros(agreement_size(n_agree), dtype=torch.int64, device=dev)
+            mine[0] = -1  # no shard has a negative size: the mark of a refusal
+            size = dist.get_world_size(group)
+            _all_gather(torch.empty(size * mine.numel(), dtype=torch.int64, device=dev), mine, group)
+        raise
+    finally:
+        _AGREEMENT.reset(token)
+
+
 def check_split(group, vocab_shard: int, labels: torch.Tensor, like: torch.Tensor, what: str, *,
                 ignore_index: int, shift: bool, vocab_size_check: bool = True, agree: Tuple[int, ...] = (),
                 cu: Optional[torch.Tensor] = None) -> Tuple[int, int]:
@@ -82,6 +114,9 @@ def check_split(group, vocab_shard: int, labels: torch.Tensor, like: torch.Tenso
     the hidden size). It also checks the labels' range over the whole vocabulary here (CPU labels), so that a bad
     label raises on every rank at once. Any disagreement raises the same ``ValueError`` on every rank."""
     check_group(group)
+    state = _AGREEMENT.get()
+    if state is not None:
+        state["joined"] = True
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     dev = _comm_device(group, like)
     bad = [0, 0]  # (a label out of range, its value); unchecked for CUDA labels (the kernels give NaN there)
@@ -98,6 +133,10 @@ def check_split(group, vocab_shard: int, labels: torch.Tensor, like: torch.Tenso
     every = torch.empty(size * mine.numel(), dtype=torch.int64, device=dev)
     _all_gather(every, mine, group)  # (flat: gloo concatenates along dim 0)
     every = every.view(size, -1).tolist()
+    refused = [r for r, e in enumerate(every) if e[0] < 0]
+    if refused:
+        raise ValueError(f"rank(s) {refused} of process_group refused their inputs before the call's collectives (see "
+                         "the error raised there): every rank must pass valid inputs")
     k = scalars.numel()
     if any(e[0] != every[0][0] for e in every):
         raise ValueError(f"{what} must hold the same number of vocabulary entries on every rank of process_group "

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from fastdpo import _head, _library, _ops, _vocab
-from fastdpo._checks import check_logits_labels
+from fastdpo._checks import check_inplace, check_logits_labels
 from fastdpo.logps import logps_backward, packed_inputs, shard_pass
 from fastdpo.losses import DPOLossConfig
 
@@ -53,6 +53,7 @@ class FusedDPOLossFunction(torch.autograd.Function):
                 ignore_index=-100, shift=True, inplace_backward=False, process_group=None, cu_seqlens=None):
         """``cu_seqlens``: a packed row of 2B segments (``fastdpo.logps.packed_inputs`` makes its logits and labels)."""
         check_logits_labels(logits, labels, ignore_index)
+        check_inplace(logits, inplace_backward)
         if not isinstance(config, DPOLossConfig):
             raise TypeError(f"config must be a DPOLossConfig, got {type(config).__name__}")
         N = logits.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -122,15 +123,16 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: Optio
         (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected,
         logits/chosen, logits/rejected, entropy, mean_token_accuracy) as 0-dim tensors: no host sync.
     """
-    if config is None:
-        config = DPOLossConfig(**options)
-    elif options:
-        raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
-    if cu_seqlens is not None:
-        logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=True)
-    loss, logps, _, _, rewards, metrics = FusedDPOLossFunction.apply(
-        logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward,
-        process_group, cu_seqlens)
+    with _vocab.agreement(process_group, 1):  # an input refused here is refused on every rank
+        if config is None:
+            config = DPOLossConfig(**options)
+        elif options:
+            raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
+        if cu_seqlens is not None:
+            logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=True)
+        loss, logps, _, _, rewards, metrics = FusedDPOLossFunction.apply(
+            logits, labels, ref_chosen_logps, ref_rejected_logps, config, ignore_index, shift, inplace_backward,
+            process_group, cu_seqlens)
     return dpo_output(loss, logps, rewards, metrics)
 
 

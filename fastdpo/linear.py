@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from fastdpo import _head, _library, _linear, _ops
+from fastdpo import _head, _library, _linear, _ops, _vocab
 from fastdpo._checks import LABEL_DTYPES, check_cu_seqlens, packed_shapes, reject_dtensor
 from fastdpo._library import check_label_range
 from fastdpo._linear import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_TOKENS, LogitOptions  # noqa: F401 (public names)
@@ -78,17 +78,14 @@ def _check_linear(hidden, weight, labels, bias, o: LinearOptions):
         raise ValueError(f"chunk_bytes must be a positive int or None, got {o.chunk_bytes!r}")
 
 
+_N_AGREE = 6  # the numbers Shard's agreement sends: statistics, three needs-grad flags, hidden size, dtype
+
+
 def _needs(hidden, weight, bias):
     """Which of hidden, weight, bias need a gradient: none under no_grad."""
     if not torch.is_grad_enabled():
         return (False, False, False)
     return tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
-
-
-def _chunk(hidden, weight, o: LinearOptions) -> int:
-    cdt = torch.promote_types(hidden.dtype, weight.dtype)
-    return _linear.chunk_rows(hidden.device, weight.shape[0], torch.empty((), dtype=cdt).element_size(),
-                              softcap=o.logits.softcap is not None, lean=o.lean, chunk_bytes=o.chunk_bytes)
 
 
 def _shard(hidden, weight, labels, o: LinearOptions, needs, cu=None):
@@ -104,20 +101,18 @@ def _shard(hidden, weight, labels, o: LinearOptions, needs, cu=None):
 
 
 def _logps_forward(hidden, weight, bias, labels, cu, o: LinearOptions, needs):
-    """The checked forward: (token_logps, lse per row, stats or (0,), logps, num_tokens, row counts (CPU), chunk,
-    shard)."""
+    """The checked forward: (token_logps, lse per row, stats or (0,), logps, num_tokens, row counts (CPU), shard)."""
     _check_linear(hidden, weight, labels, bias, o)
-    chunk = _chunk(hidden, weight, o)
     shard = _shard(hidden, weight, labels, o, needs, cu)
     if shard is None:
         outs = _library.linear_logps_forward(hidden, weight, bias, labels, o.ignore_index, o.shift, o.logits.as_list(),
-                                             chunk, o.with_stats, cu)
+                                             o.chunk_bytes or 0, o.with_stats, cu)
     else:
         outs = list(_linear.sequence_logps_forward(hidden, weight, bias, labels, ignore_index=o.ignore_index,
-                                                   shift=o.shift, opts=o.logits, chunk=chunk, with_stats=o.with_stats,
-                                                   shard=shard, cu=cu))
+                                                   shift=o.shift, opts=o.logits, chunk_bytes=o.chunk_bytes,
+                                                   with_stats=o.with_stats, shard=shard, cu=cu))
         outs[2] = outs[0].new_empty(0) if outs[2] is None else outs[2]
-    return (*outs, chunk, shard)
+    return (*outs, shard)
 
 
 class LinearSequenceLogpsFunction(torch.autograd.Function):
@@ -129,7 +124,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, cu, o: LinearOptions):
         needs = ctx.needs_input_grad[:3]
-        token_logps, lse, stats, logps, num_tokens, counts, chunk, shard = _logps_forward(
+        token_logps, lse, stats, logps, num_tokens, counts, shard = _logps_forward(
             hidden, weight, bias, labels, cu, o, needs)
         if o.average:
             logps = logps * _mean_scale(num_tokens, logps.dtype)
@@ -137,22 +132,24 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if any(needs):
             ctx.save_for_backward(hidden, weight, bias, labels, lse, num_tokens, counts, cu)
-        ctx.call = (o, chunk, shard, needs)
+        ctx.call = (o, shard, needs)
         return logps, token_logps, num_tokens, stats
 
     @staticmethod
     def backward(ctx, grad_logps, grad_token_logps, *_):
         hidden, weight, bias, labels, lse, num_tokens, counts, cu = ctx.saved_tensors
-        o, chunk, shard, needs = ctx.call
+        o, shard, needs = ctx.call
         coef = sequence_coef(labels, num_tokens, grad_logps, grad_token_logps, o.average, cu)
         if shard is None:
             grads = _library.linear_logps_backward(hidden, weight, bias, labels, lse, coef, counts, o.ignore_index,
-                                                   o.shift, o.logits.as_list(), chunk, o.lean, list(needs), cu)
+                                                   o.shift, o.logits.as_list(), o.chunk_bytes or 0, o.lean,
+                                                   list(needs), cu)
             grads = [g if need else None for g, need in zip(grads, needs)]
         else:
             grads = _linear.sequence_logps_backward(hidden, weight, bias, labels, lse, coef, counts,
                                                     ignore_index=o.ignore_index, shift=o.shift, opts=o.logits,
-                                                    chunk=chunk, lean=o.lean, needs=needs, shard=shard, cu=cu)
+                                                    chunk_bytes=o.chunk_bytes, lean=o.lean, needs=needs, shard=shard,
+                                                    cu=cu)
         return (*grads, None, None, None)
 
 
@@ -196,20 +193,22 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         cu_seqlens: a packed batch (padding-free): hidden (total, H) or (1, total, H), labels (total,) or
             (1, total), sequence s its tokens [cu_seqlens[s], cu_seqlens[s + 1]), as in ``sequence_logps``.
     """
-    o = LinearOptions(ignore_index=ignore_index, shift=shift, logits=LogitOptions(logit_scale, softcap, temperature),
-                      chunk_bytes=chunk_bytes, lean=lean, process_group=process_group, average=average,
-                      with_stats=return_token_stats)
+    with _vocab.agreement(process_group, _N_AGREE):
+        o = LinearOptions(ignore_index=ignore_index, shift=shift,
+                          logits=LogitOptions(logit_scale, softcap, temperature), chunk_bytes=chunk_bytes, lean=lean,
+                          process_group=process_group, average=average, with_stats=return_token_stats)
     shape = labels.shape if isinstance(labels, torch.Tensor) else None
-    if cu_seqlens is not None:
-        hidden, labels = packed_linear_inputs(hidden, labels, cu_seqlens, ignore_index, shift, pairs=False)
-    if any(_needs(hidden, weight, bias)):
-        logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(hidden, weight, bias, labels,
-                                                                                  cu_seqlens, o)
-    else:  # nothing needs a gradient: no autograd node, nothing saved
-        token_logps, _, stats, logps, num_tokens, *_ = _logps_forward(hidden, weight, bias, labels, cu_seqlens, o,
-                                                                      (False, False, False))
-        if average:
-            logps = logps * _mean_scale(num_tokens, logps.dtype)
+    with _vocab.agreement(process_group, _N_AGREE):  # an input refused here is refused on every rank
+        if cu_seqlens is not None:
+            hidden, labels = packed_linear_inputs(hidden, labels, cu_seqlens, ignore_index, shift, pairs=False)
+        if any(_needs(hidden, weight, bias)):
+            logps, token_logps, num_tokens, stats = LinearSequenceLogpsFunction.apply(hidden, weight, bias, labels,
+                                                                                      cu_seqlens, o)
+        else:  # nothing needs a gradient: no autograd node, nothing saved
+            token_logps, _, stats, logps, num_tokens, *_ = _logps_forward(hidden, weight, bias, labels, cu_seqlens,
+                                                                          o, (False, False, False))
+            if average:
+                logps = logps * _mean_scale(num_tokens, logps.dtype)
     if cu_seqlens is not None:
         token_logps = token_logps.view(shape)
         stats = stats.view(4, *shape) if return_token_stats else stats
@@ -239,16 +238,15 @@ def _dpo(hidden, weight, bias, labels, ref_c, ref_r, cu, o: LinearOptions, needs
     _check_linear(hidden, weight, labels, bias, o)
     ref_c, ref_r = _check_pairs(hidden, weight, ref_c, ref_r, o.config, cu)
     p = _head.params(o.config)
-    chunk = _chunk(hidden, weight, o)
     shard = _shard(hidden, weight, labels, o, needs, cu)
     if shard is None:
         *outs, gh, gw, gb = _library.linear_dpo_forward(
-            hidden, weight, bias, labels, ref_c, ref_r, o.ignore_index, o.shift, list(p), o.logits.as_list(), chunk,
-            o.lean, list(needs), pair_local(o.config), cu)
+            hidden, weight, bias, labels, ref_c, ref_r, o.ignore_index, o.shift, list(p), o.logits.as_list(),
+            o.chunk_bytes or 0, o.lean, list(needs), pair_local(o.config), cu)
         grads = [g if need else None for g, need in zip((gh, gw, gb), needs)]
         return (*outs, grads)
     out = _linear.dpo_forward(hidden, weight, bias, labels, ref_c, ref_r, p, ignore_index=o.ignore_index,
-                              shift=o.shift, opts=o.logits, chunk=chunk, lean=o.lean, needs=needs,
+                              shift=o.shift, opts=o.logits, chunk_bytes=o.chunk_bytes, lean=o.lean, needs=needs,
                               pair_local=pair_local(o.config), shard=shard, cu=cu)
     return out.loss, out.logps, out.num_tokens, out.seq_stats, out.rewards, out.metrics, list(out.grads)
 
@@ -310,21 +308,23 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     Gradients flow only to the inputs that require one: a frozen head (LoRA) costs 2 GEMMs instead of 3 and holds
     no weight-gradient accumulator; under ``torch.no_grad()`` only the forward GEMM runs.
     """
-    if config is None:
-        config = DPOLossConfig(**options)
-    elif options:
-        raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
-    o = LinearOptions(ignore_index=ignore_index, shift=shift, logits=LogitOptions(logit_scale, softcap, temperature),
-                      chunk_bytes=chunk_bytes, lean=lean, process_group=process_group, config=config)
-    needs = _needs(hidden, weight, bias)
-    if cu_seqlens is not None:
-        hidden, labels = packed_linear_inputs(hidden, labels, cu_seqlens, ignore_index, shift, pairs=True)
-    if any(needs):
-        loss, logps, _, _, rewards, metrics = LinearDPOLossFunction.apply(
-            hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, cu_seqlens, o)
-    else:  # nothing needs a gradient: the forward GEMM alone, no autograd node
-        loss, logps, _, _, rewards, metrics, _ = _dpo(hidden, weight, bias, labels, ref_chosen_logps,
-                                                      ref_rejected_logps, cu_seqlens, o, needs)
+    with _vocab.agreement(process_group, _N_AGREE):  # an input refused here is refused on every rank
+        if config is None:
+            config = DPOLossConfig(**options)
+        elif options:
+            raise TypeError(f"pass either config or loss options, not both: {sorted(options)}")
+        o = LinearOptions(ignore_index=ignore_index, shift=shift,
+                          logits=LogitOptions(logit_scale, softcap, temperature), chunk_bytes=chunk_bytes, lean=lean,
+                          process_group=process_group, config=config)
+        needs = _needs(hidden, weight, bias)
+        if cu_seqlens is not None:
+            hidden, labels = packed_linear_inputs(hidden, labels, cu_seqlens, ignore_index, shift, pairs=True)
+        if any(needs):
+            loss, logps, _, _, rewards, metrics = LinearDPOLossFunction.apply(
+                hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, cu_seqlens, o)
+        else:  # nothing needs a gradient: the forward GEMM alone, no autograd node
+            loss, logps, _, _, rewards, metrics, _ = _dpo(hidden, weight, bias, labels, ref_chosen_logps,
+                                                          ref_rejected_logps, cu_seqlens, o, needs)
     return dpo_output(loss, logps, rewards, metrics)
 
 

@@ -5,7 +5,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 
 from fastdpo import _library, _ops, _vocab
-from fastdpo._checks import check_cu_seqlens, check_logits_labels, packed_shapes
+from fastdpo._checks import check_cu_seqlens, check_inplace, check_logits_labels, packed_shapes
 
 
 class SequenceLogps(NamedTuple):
@@ -35,6 +35,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
         """``cu_seqlens``: a packed row (``packed_inputs`` makes logits (1, total, V) and labels (1, total) with
         the segment starts masked); sequences are then its segments."""
         check_logits_labels(logits, labels, ignore_index)
+        check_inplace(logits, inplace_backward)
         if process_group is None:
             token_logps, lse, stats, logps, num_tokens = _library.logps_forward(logits, labels, ignore_index, shift,
                                                                               bool(with_stats), cu_seqlens)
@@ -142,10 +143,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
         token_stats or None)``.
     """
     shape = labels.shape if isinstance(labels, torch.Tensor) else None
-    if cu_seqlens is not None:
-        logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=False)
-    logps, token_logps, num_tokens, stats = SequenceLogpsFunction.apply(
-        logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats, process_group, cu_seqlens)
+    with _vocab.agreement(process_group, 1):  # an input refused here is refused on every rank
+        if cu_seqlens is not None:
+            logits, labels = packed_inputs(logits, labels, cu_seqlens, ignore_index, shift, pairs=False)
+        logps, token_logps, num_tokens, stats = SequenceLogpsFunction.apply(
+            logits, labels, ignore_index, shift, average, inplace_backward, return_token_stats, process_group,
+            cu_seqlens)
     if cu_seqlens is not None:
         token_logps = token_logps.view(shape)
         stats = stats.view(4, *shape) if return_token_stats else stats

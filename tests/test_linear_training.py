@@ -146,6 +146,7 @@ def test_default_chunk_is_a_function_of_the_shapes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: state["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: state["allocated"])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: state.get("fraction", 1.0))
     dev = torch.device("cuda", 0)
     kw = dict(softcap=False, lean=False, chunk_bytes=None)
     fresh = _linear.chunk_rows(dev, 128256, 2, **kw)
@@ -163,6 +164,11 @@ def test_default_chunk_is_a_function_of_the_shapes(monkeypatch):
     with pytest.warns(RuntimeWarning, match="does not fit"):
         small = _linear.chunk_rows(dev, 128256, 2, **kw)
     assert small * 128256 * 2 <= 100 * 2 ** 20 and small > 0
+    # a process held to 1% of the card (set_per_process_memory_fraction): its share is what can be given
+    state.update(free=60 * GiB, fraction=0.01)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        capped = _linear.chunk_rows(dev, 128256, 2, **kw)
+    assert capped * 128256 * 2 <= 0.01 * 80 * GiB
 
 
 def test_lean_tiles_are_multiples_of_128_columns(monkeypatch):
