@@ -1,5 +1,9 @@
 """fastdpo: fused Triton kernels for DPO losses."""
 
+from fastdpo._checkout import unshadow_hf_kernels
+
+unshadow_hf_kernels()  # before anything below imports transformers
+
 from fastdpo.dpo import DPOLoss, DPOLossOutput, FusedDPOLossFunction, dpo_loss
 from fastdpo.integrations.hf import policy_dpo_loss, policy_logps
 from fastdpo.linear import (LinearDPOLoss, LinearDPOLossFunction, LinearSequenceLogpsFunction, linear_dpo_loss,

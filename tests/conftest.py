@@ -22,6 +22,8 @@ from packaging.version import Version  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import fastdpo  # noqa: E402,F401  (before any test imports transformers: see fastdpo/_checkout.py)
+
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
