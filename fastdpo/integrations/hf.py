@@ -1,6 +1,8 @@
-"""Plain Hugging Face loops: per-sequence log-probs of a causal LM without building its logits."""
+"""Plain Hugging Face loops: per-sequence log-probs of a causal LM without building its logits, padded or packed
+(padding-free: every sequence of the batch in one row, no padding token run through the model)."""
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -28,7 +30,7 @@ def _logit_options(config) -> dict:
             "softcap": getattr(text, "final_logit_softcapping", None)}
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The transformers causal LM inside DDP and PEFT wrappers (FSDP2's ``fully_shard`` wraps in place)."""
     inner = model
     while isinstance(inner, torch.nn.parallel.DistributedDataParallel):
@@ -45,27 +47,191 @@ def _full(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.full_tensor(grad_placements=[Partial("avg")] * p.device_mesh.ndim)
 
 
-def _through_forward(model, input_ids, attention_mask, loss_fn):
+@dataclass(frozen=True)
+class PackedBatch:
+    """A padded batch with its padding taken out: every sequence's tokens, in row order, in one row.
+
+    Sequence s is tokens ``[cu_seqlens[s], cu_seqlens[s + 1])``; for a preference batch, rows ``[0, B)`` of the
+    padded batch (the chosen) are sequences ``[0, B)`` and rows ``[B, 2B)`` (the rejected) sequences ``[B, 2B)``,
+    the convention of ``dpo_loss(..., cu_seqlens=)``.
+
+    Attributes:
+        input_ids: (1, total) the real tokens.
+        position_ids: (1, total) restarting at 0 for each sequence (what keeps a packed model forward from
+            attending across sequences, with no attention mask).
+        labels: (1, total) the labels of those tokens (``None`` when none were given).
+        cu_seqlens: (S + 1,) int32 offsets, flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k``.
+        max_seqlen: the longest sequence (flash-attention's ``max_length_q`` / ``max_length_k``).
+        index: (total,) int64, each packed token's flat position in the padded ``(S, T)`` batch.
+        padded_shape: ``(S, T)``, the padded batch's shape.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: Optional[torch.Tensor]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    index: torch.Tensor
+    padded_shape: Tuple[int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def model_inputs(self) -> dict:
+        """The keywords ``policy_logps`` / ``policy_dpo_loss`` take for this batch (``attention_mask=None``)."""
+        return {"input_ids": self.input_ids, "attention_mask": None, "labels": self.labels,
+                "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
+
+    def unpack(self, values: torch.Tensor, *, fill: float = 0) -> torch.Tensor:
+        """Per-token packed values ``(total, ...)`` or ``(1, total, ...)`` back in the padded layout ``(S, T, ...)``,
+        ``fill`` at the padding (differentiable). Per-sequence values ``(S, ...)`` are already in row order and come
+        back as they are."""
+        S, T = self.padded_shape
+        total = self.num_tokens
+        if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:
+            values = values[0]
+        if values.dim() >= 1 and values.shape[0] == total and not (total == S and values.dim() == 1):
+            out = values.new_full((S * T, *values.shape[1:]), fill)
+            return out.index_copy(0, self.index.to(values.device), values).view(S, T, *values.shape[1:])
+        if values.dim() >= 1 and values.shape[0] == S:
+            return values
+        raise ValueError(f"values: expected ({total}, ...) per-token or ({S}, ...) per-sequence values of this "
+                         f"packed batch, got {tuple(values.shape)}")
+
+    def shift_labels(self, *, ignore_index: int = -100) -> torch.Tensor:
+        """(1, total): the label each position predicts (the next token's label within its own sequence,
+        ``ignore_index`` at each sequence's last token): Hugging Face's pre-shifted ``shift_labels``."""
+        if self.labels is None:
+            raise ValueError("this PackedBatch was packed without labels")
+        nxt = torch.roll(self.labels, -1, dims=1)
+        last = torch.zeros_like(self.labels[0], dtype=torch.bool)
+        ends = self.cu_seqlens[1:].to(torch.int64) - 1
+        last[ends[ends >= 0]] = True
+        return nxt.masked_fill(last[None], ignore_index)
+
+
+def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
+               ) -> PackedBatch:
+    """Take the padding out of a padded batch: ``(S, T)`` rows whose real tokens (``attention_mask`` 1) are one
+    contiguous run (right or left padding) -> a ``PackedBatch`` of one row. Reads the lengths to the host once
+    (the packed row's length is a shape)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a (S, T) tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+        raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    S, T = input_ids.shape
+    real = attention_mask.to(input_ids.device) != 0
+    runs = torch.diff(real.to(torch.int8), dim=1, prepend=torch.zeros_like(real[:, :1], dtype=torch.int8)) == 1
+    lengths, run_counts = torch.stack([real.sum(1), runs.sum(1)]).tolist()  # the one host read
+    gaps = [s for s in range(S) if run_counts[s] > 1]
+    if gaps:
+        raise ValueError(f"attention_mask: row {gaps[0]} has padding between its tokens; packing needs each row's "
+                         "tokens as one contiguous run (right or left padding)")
+    index = real.reshape(-1).nonzero().squeeze(1)
+    total = index.numel()
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=input_ids.device)
+    cu = torch.zeros(S + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = lengths_t.cumsum(0)
+    starts = torch.repeat_interleave(cu[:-1].to(torch.int64), lengths_t, output_size=total)
+    position_ids = (torch.arange(total, device=input_ids.device) - starts)[None]
+    return PackedBatch(input_ids=input_ids.reshape(-1)[index][None], position_ids=position_ids,
+                       labels=None if labels is None else labels.reshape(-1)[index.to(labels.device)][None],
+                       cu_seqlens=cu, max_seqlen=max(lengths, default=0), index=index, padded_shape=(S, T))
+
+
+def pack_preference_batch(batch: Mapping[str, torch.Tensor], *, ignore_index: int = -100) -> PackedBatch:
+    """A padded preference batch -> a ``PackedBatch`` for ``policy_dpo_loss(model, **packed.model_inputs(), ...)``.
+
+    ``batch``: ``input_ids`` and ``attention_mask`` (2B, T), rows [0, B) chosen and [B, 2B) rejected, with either
+    ``labels`` (prompt and padding at ``ignore_index``) or ``completion_mask`` (TRL 1.x's
+    ``DataCollatorForPreference``: labels are the completion's tokens)."""
+    for key in ("input_ids", "attention_mask"):
+        if key not in batch:
+            raise ValueError(f"batch: needs {key!r} (and 'labels' or 'completion_mask'), got keys {sorted(batch)}")
+    input_ids = batch["input_ids"]
+    if "labels" in batch:
+        labels = batch["labels"]
+    elif "completion_mask" in batch:
+        labels = input_ids.masked_fill(batch["completion_mask"] == 0, ignore_index)
+    else:
+        raise ValueError(f"batch: needs 'labels' or 'completion_mask', got keys {sorted(batch)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] % 2:
+        raise ValueError(f"batch['input_ids']: expected (2B, T) chosen then rejected rows, got {tuple(input_ids.shape)}")
+    return pack_batch(input_ids, batch["attention_mask"], labels)
+
+
+def unpack_pairs(packed: PackedBatch, values: torch.Tensor, *, fill: float = 0
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed outputs of a preference batch -> ``(chosen, rejected)``: per-sequence ``(2B,)`` values to two
+    ``(B,)``, per-token ``(total,)`` values to two padded ``(B, T)``."""
+    return packed.unpack(values, fill=fill).chunk(2, dim=0)
+
+
+def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total: int) -> dict:
+    """What a packed forward of ``lm`` needs beyond ``input_ids``: ``position_ids`` restarting at each sequence,
+    no attention mask and no cache (transformers then masks attention per sequence: its ``masking_utils`` finds
+    the sequences from the restarts), and flash-attention's varlen offsets when the model attends with it."""
+    impl = str(getattr(lm.config, "_attn_implementation", None) or "")
+    flash = "flash" in impl
+    if not flash:
+        try:
+            from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"cu_seqlens: this transformers version cannot mask attention per packed sequence "
+                             f"under attn_implementation={impl!r} (it lacks masking_utils' packed-sequence "
+                             "detection); use a flash-attention implementation or a padded batch") from e
+    cu = cu_seqlens.to(torch.int64)
+    seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
+    kwargs = {"position_ids": (torch.arange(total, device=cu.device) - cu[seg])[None], "use_cache": False}
+    if flash:
+        if max_seqlen is None:
+            max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        cu32 = cu_seqlens.to(torch.int32)
+        kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    return kwargs
+
+
+def _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens=None, max_seqlen=None):
     """``loss_fn(hidden, weight, bias, logit options)`` run *inside* ``model``'s forward, in place of its LM head:
     the outermost wrapper's hooks all run (DDP's gradient synchronisation, FSDP2's unsharding and reduce-scatter),
     and the logits are never built. What ``loss_fn`` returns is what ``model(...)`` returns."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
         raise TypeError(f"policy_logps needs a plain nn.Linear LM head, got {type(head).__name__} (an adapter on "
                         "the LM head changes its effective weight)")
     options = _logit_options(lm.config)
+    if cu_seqlens is None:
+        backbone_kwargs = {"attention_mask": attention_mask, "use_cache": False}
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: must be None with cu_seqlens (a packed batch): with an attention mask "
+                             "the model's tokens attend across the packed sequences' boundaries")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or (
+                input_ids.dim() == 2 and input_ids.shape[0] != 1):
+            raise ValueError(f"input_ids: a packed batch is (total,) or (1, total), got "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        input_ids = input_ids.reshape(1, -1)
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+            raise ValueError("cu_seqlens: expected a 1-D integer tensor of sequence offsets")
+        backbone_kwargs = packed_forward_kwargs(lm, cu_seqlens.to(input_ids.device), max_seqlen, input_ids.shape[1])
 
     def fused_forward(*args, **kwargs):
         # the backbone is looked up here: FSDP2 and PEFT may have replaced it since
         backbone = getattr(lm, lm.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=input_ids, **backbone_kwargs).last_hidden_state
         return loss_fn(hidden.to(head.weight.device), _full(head.weight), _full(head.bias), options)
 
     saved = lm.__dict__.get("forward")  # an instance forward already there (TRL's fused head patches one in)
     lm.forward = fused_forward  # an instance attribute: module hooks still wrap it
     try:
-        return model(input_ids=input_ids, attention_mask=attention_mask)
+        return model(input_ids=input_ids, attention_mask=attention_mask)  # what the wrappers see; unused inside
     finally:
         if saved is None:
             del lm.forward
@@ -75,6 +241,7 @@ def _through_forward(model, input_ids, attention_mask, loss_fn):
 
 def policy_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
                  ignore_index: int = -100, average: bool = False, temperature: float = 1.0,
+                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                  **kwargs) -> SequenceLogps:
     """``sequence_logps(model(input_ids).logits, labels)`` through the backbone and the fused-linear LM head.
 
@@ -86,28 +253,40 @@ def policy_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
         model: a transformers causal LM (``...ForCausalLM``), PEFT-wrapped, DDP-wrapped or ``fully_shard``-ed;
             tied embeddings work.
         labels: (N, T) ``input_ids`` with prompt and padding set to ``ignore_index`` (shifted inside).
+        cu_seqlens: a packed batch (``pack_batch``): ``input_ids`` and ``labels`` (1, total), ``attention_mask``
+            None (refused otherwise), sequence s its tokens ``[cu_seqlens[s], cu_seqlens[s + 1])``. The model runs
+            with ``position_ids`` restarting per sequence, no attention mask and no cache, plus flash-attention's
+            varlen offsets under a flash implementation; outputs are per sequence ``(S,)`` / per token ``(1, total)``.
+        max_seqlen: the longest packed sequence, for flash-attention (read from ``cu_seqlens`` if not given).
         kwargs: passed to ``linear_sequence_logps`` (``return_token_logps``, ``chunk_bytes``, ...).
     """
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
     def loss_fn(hidden, weight, bias, options):
         return linear_sequence_logps(hidden, weight, labels, bias, ignore_index=ignore_index, average=average,
-                                     temperature=temperature, **options, **kwargs)
+                                     temperature=temperature, **packed, **options, **kwargs)
 
-    return _through_forward(model, input_ids, attention_mask, loss_fn)
+    return _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens, max_seqlen)
 
 
 def policy_dpo_loss(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor,
                     ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None,
-                    *, ignore_index: int = -100, temperature: float = 1.0, **kwargs) -> DPOLossOutput:
+                    *, ignore_index: int = -100, temperature: float = 1.0, cu_seqlens: Optional[torch.Tensor] = None,
+                    max_seqlen: Optional[int] = None, **kwargs) -> DPOLossOutput:
     """``dpo_loss(model(input_ids).logits, labels, ...)`` through the backbone and ``linear_dpo_loss``: the
     policy's DPO loss without its logits, inside its own forward like ``policy_logps`` (DDP, FSDP2, PEFT).
 
     Args:
         input_ids, attention_mask, labels: (2B, T), rows [0, B) chosen, [B, 2B) rejected.
+        cu_seqlens, max_seqlen: a packed batch, as in ``policy_logps``; sequences [0, B) chosen, [B, 2B) rejected
+            (``pack_preference_batch`` builds them: ``policy_dpo_loss(model, **packed.model_inputs(), ...)``).
         kwargs: passed to ``linear_dpo_loss``: the loss options (``beta``, ``loss_type``, ... or ``config``),
             ``chunk_bytes``, ``lean``.
     """
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
     def loss_fn(hidden, weight, bias, options):
         return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias,
-                               ignore_index=ignore_index, temperature=temperature, **options, **kwargs)
+                               ignore_index=ignore_index, temperature=temperature, **packed, **options, **kwargs)
 
-    return _through_forward(model, input_ids, attention_mask, loss_fn)
+    return _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens, max_seqlen)

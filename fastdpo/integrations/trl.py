@@ -21,6 +21,10 @@ TRL 0.24-0.28 computes DPO on full logits in ``DPOTrainer.concatenated_forward``
 through ``fastdpo.dpo_loss`` (fused forward, loss head and dlogits backward), the reference forward through
 ``fastdpo.sequence_logps``. Other TRL versions (0.29-1.13, < 0.24) raise, naming the version.
 
+On TRL >= 1.15 the patch also brings back ``DPOConfig(padding_free=True)``, which TRL switches off at run time:
+the policy and reference forwards run packed (``_trl_packed``), TRL's loss and metrics unchanged. TRL 1.14 keeps
+its own fall-back to padding (with its warning); TRL 0.x refuses ``padding_free`` under the patch.
+
 The entropy fastdpo returns carries no gradient (TRL's DPO logs it detached; a loss that differentiates the
 entropy must not use the patch).
 """
@@ -105,8 +109,12 @@ def patch(*, inplace_backward: bool = True) -> None:
         if _ORIGINAL is not None:
             return
         if kind == "fused":
+            from trl import DPOTrainer
+
+            from fastdpo.integrations import _trl_packed
             _ORIGINAL = target._ChunkedLogProbFunction
             target._ChunkedLogProbFunction = FusedLogProbFunction
+            _trl_packed.patch(DPOTrainer)
         elif kind == "chunked":
             _trl_chunked.patch(target)
             _ORIGINAL = dict(_trl_chunked._ORIGINAL)
@@ -125,7 +133,11 @@ def unpatch() -> None:
         if _ORIGINAL is None:
             return
         if kind == "fused":
+            from trl import DPOTrainer
+
+            from fastdpo.integrations import _trl_packed
             target._ChunkedLogProbFunction = _ORIGINAL
+            _trl_packed.unpatch(DPOTrainer)
         elif kind == "chunked":
             from fastdpo.integrations import _trl_chunked
             _trl_chunked.unpatch(target)

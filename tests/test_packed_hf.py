@@ -1,0 +1,197 @@
+"""Packed (padding-free) batches through a Hugging Face model: pack_batch / pack_preference_batch, the packed
+policy_logps / policy_dpo_loss against the padded ones, and the refusals that keep tokens from attending across
+packed sequences."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import fastdpo  # noqa: E402
+from fastdpo.integrations.hf import pack_batch, pack_preference_batch, unpack_pairs  # noqa: E402
+from trl_utils import tiny_llama  # noqa: E402
+
+
+def _preference_batch(seed, *, left=False, B=3, T=11, V=64):
+    """A TRL-1.x-style collated batch (input_ids, attention_mask, completion_mask), rows [0, B) chosen, [B, 2B)
+    rejected, random lengths including a 1-token row, right (or left) padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (2 * B, T), generator=g)
+    lengths = torch.randint(4, T + 1, (2 * B,), generator=g)
+    lengths[1] = 1
+    # a pair shares its prompt, of >= 1 token as TRL's (the 1-token row is then all prompt: an empty completion)
+    prompt = torch.randint(1, 4, (B,), generator=g).repeat(2).minimum(lengths)
+    pos = torch.arange(T)[None]
+    if left:
+        start = T - lengths
+        attn = (pos >= start[:, None]).long()
+        comp = (pos >= (start + prompt)[:, None]).long() * attn
+    else:
+        attn = (pos < lengths[:, None]).long()
+        comp = ((pos >= prompt[:, None]) & (pos < lengths[:, None])).long()
+    ids = ids.masked_fill(attn == 0, 0)
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=2e-5 * max(1.0, b[n].abs().max().item()),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_pack_batch_layout():
+    batch = _preference_batch(0)
+    packed = pack_preference_batch(batch)
+    attn = batch["attention_mask"]
+    lengths = attn.sum(1)
+    assert packed.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()]
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.max_seqlen == int(lengths.max())
+    assert packed.input_ids.shape == (1, int(lengths.sum()))
+    assert torch.equal(packed.input_ids[0], batch["input_ids"][attn.bool()])
+    expected_pos = torch.cat([torch.arange(int(n)) for n in lengths])
+    assert torch.equal(packed.position_ids[0], expected_pos)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    assert torch.equal(packed.labels[0], labels[attn.bool()])
+    # unpack is the inverse at every real token, ``fill`` elsewhere
+    back = packed.unpack(packed.input_ids[0], fill=-1)
+    assert torch.equal(back[attn.bool()], batch["input_ids"][attn.bool()]) and (back[attn == 0] == -1).all()
+    chosen, rejected = unpack_pairs(packed, packed.labels)
+    assert torch.equal(torch.cat([chosen, rejected])[attn.bool()], labels[attn.bool()])
+    seq = torch.arange(6.0)
+    assert all(torch.equal(x, y) for x, y in zip(unpack_pairs(packed, seq), seq.chunk(2)))
+    # shift_labels: the next token's label within the same sequence, -100 at each sequence's last token
+    shifted = packed.shift_labels()[0]
+    padded_shift = torch.cat([labels[:, 1:], torch.full((6, 1), -100)], 1).masked_fill(attn == 0, -100)
+    assert torch.equal(shifted, padded_shift[attn.bool()])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("left", [False, True])
+def test_policy_logps_packed_equals_padded(backend, attn_impl, left):
+    model = tiny_llama(64, seed=1)
+    model.config._attn_implementation = attn_impl
+    batch = _preference_batch(1, left=left)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels,
+                                  return_token_logps=True)
+    padded.logps.sum().backward()
+    g_padded = _grads(model)
+    model.zero_grad()
+    packed = pack_preference_batch(batch)
+    out = fastdpo.policy_logps(model, **packed.model_inputs(), return_token_logps=True)
+    out.logps.sum().backward()
+    torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out.num_tokens, padded.num_tokens)
+    # per-token outputs sit at their label's position in both layouts
+    torch.testing.assert_close(packed.unpack(out.token_logps), padded.token_logps, rtol=1e-5, atol=1e-4)
+    _assert_grads_close(_grads(model), g_padded)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_policy_dpo_loss_packed_equals_padded(backend, loss_type):
+    model = tiny_llama(64, seed=2)
+    batch = _preference_batch(2)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    ref_c, ref_r = -torch.rand(3) * 20, -torch.rand(3) * 20
+    padded = fastdpo.policy_dpo_loss(model, batch["input_ids"], batch["attention_mask"], labels, ref_c, ref_r,
+                                     beta=0.1, loss_type=loss_type)
+    padded.loss.backward()
+    g_padded = _grads(model)
+    model.zero_grad()
+    packed = pack_preference_batch(batch)
+    out = fastdpo.policy_dpo_loss(model, **packed.model_inputs(), ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                                  beta=0.1, loss_type=loss_type)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    for name in ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+        torch.testing.assert_close(getattr(out, name), getattr(padded, name), rtol=1e-5, atol=1e-4)
+    _assert_grads_close(_grads(model), g_padded)
+
+
+def test_packed_forward_needs_the_helpers_rules():
+    """What the refusals guard: a packed row run with an all-ones attention mask, or without restarting
+    position_ids, attends across sequences (its logits differ from the separate runs); the helper's way matches."""
+    model = tiny_llama(64, seed=3)
+    batch = _preference_batch(3, B=2)
+    packed = pack_batch(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        separate = separate[batch["attention_mask"].bool()]
+        right = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits[0]
+        masked = model(input_ids=packed.input_ids, attention_mask=torch.ones_like(packed.input_ids),
+                       position_ids=packed.position_ids, use_cache=False).logits[0]
+        no_pos = model(input_ids=packed.input_ids, use_cache=False).logits[0]
+    torch.testing.assert_close(right, separate, rtol=1e-4, atol=1e-4)
+    assert (masked - separate).abs().max() > 1e-2 and (no_pos - separate).abs().max() > 1e-2
+
+
+def test_packed_refusals():
+    model = tiny_llama(64, seed=4)
+    batch = _preference_batch(4)
+    packed = pack_preference_batch(batch)
+    inputs = packed.model_inputs()
+    with pytest.raises(ValueError, match="attention_mask"):
+        fastdpo.policy_logps(model, **{**inputs, "attention_mask": torch.ones_like(packed.input_ids)})
+    with pytest.raises(ValueError, match="attention_mask"):
+        fastdpo.policy_dpo_loss(model, **{**inputs, "attention_mask": torch.ones_like(packed.input_ids)},
+                                ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
+    with pytest.raises(ValueError, match="input_ids"):
+        fastdpo.policy_logps(model, batch["input_ids"], None, batch["input_ids"], cu_seqlens=packed.cu_seqlens)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fastdpo.policy_logps(model, **{**inputs, "cu_seqlens": packed.cu_seqlens.float()})
+    with pytest.raises(ValueError, match="cu_seqlens"):  # the op's own checks: last offset != token count
+        fastdpo.policy_logps(model, **{**inputs, "cu_seqlens": packed.cu_seqlens[:-1]})
+    with pytest.raises(ValueError, match="attention_mask"):
+        gappy = batch["attention_mask"].clone()
+        gappy[0, 1] = 0
+        pack_batch(batch["input_ids"], gappy)
+    with pytest.raises(ValueError, match="attention_mask"):
+        pack_batch(batch["input_ids"], batch["attention_mask"][:, :-1])
+    with pytest.raises(ValueError, match="labels"):
+        pack_batch(batch["input_ids"], batch["attention_mask"], batch["input_ids"][:, :-1])
+    with pytest.raises(ValueError, match="completion_mask"):
+        pack_preference_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    with pytest.raises(ValueError, match="input_ids"):
+        pack_preference_batch({k: v[:5] for k, v in batch.items()})
+    with pytest.raises(ValueError, match="values"):
+        packed.unpack(torch.zeros(4))
+
+
+def test_flash_attention_gets_varlen_offsets(monkeypatch):
+    """Under a flash-attention implementation the packed forward passes flash-attention's varlen offsets
+    (cu_seq_lens_q/k, max_length_q/k) with the restarting position_ids; a recording attention function stands in
+    for flash-attention (not installed on CPU) and computes sdpa's result per sequence."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                                                 "position_ids")})
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        outs = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            o, _ = sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                          is_causal=True, **{k: v for k, v in kwargs.items() if k == "scaling"})
+            outs.append(o)
+        return torch.cat(outs, dim=1), None
+
+    AttentionInterface.register("flash_probe", probe)
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "flash_probe", flash_attention_mask)
+    model = tiny_llama(64, seed=5)
+    batch = _preference_batch(5)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels)
+    model.config._attn_implementation = "flash_probe"
+    packed = pack_preference_batch(batch)
+    out = fastdpo.policy_logps(model, **packed.model_inputs())
+    assert seen and all(torch.equal(s["cu_seq_lens_q"], packed.cu_seqlens) for s in seen)
+    assert all(s["max_length_q"] == s["max_length_k"] == packed.max_seqlen for s in seen)
+    torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
