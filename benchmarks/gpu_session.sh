@@ -5,9 +5,11 @@
 #
 #   bash benchmarks/gpu_session.sh lane suite     # call 1: the GPU lane, the suite's default run, timed
 #   bash benchmarks/gpu_session.sh full e2e       # call 2: --full for the three ops, the end-to-end step + trainer
+#   bash benchmarks/gpu_session.sh e2e_flash      # padded vs packed under flash-attention (if installed)
 #   bash benchmarks/gpu_session.sh linear         # the fused linear: frozen vs trainable head, compiled, CUDA graph
 #
-# Steps: env (nvidia-smi, versions), lane, suite, full, e2e, linear. Each writes $OUT/<step>.log; the benchmark steps
+# Steps: env (nvidia-smi, versions), lane, suite, full, e2e (padded vs packed on UltraFeedback-like lengths, sdpa),
+# e2e_flash (the same under flash-attention, varlen for the packed ways; skipped without flash_attn), linear. Each writes $OUT/<step>.log; the benchmark steps
 # also $OUT/<step>.tgz (their JSON, markdown and plots: unpack into benchmarks/results/). $OUT/summary.txt and
 # the last lines printed give each step's exit status and wall time. The steps share a budget (GPU_BUDGET_S,
 # default 570 s) so the call returns inside the device tool's limit with what finished.
@@ -78,11 +80,19 @@ python3 -c "import $m, importlib.metadata as md; print(\"$m\", md.version(\"$m\"
             run_step e2e 420 python3 -m benchmarks.e2e --device "$DEV" --trainer --out "results/e2e-$DEV-$DATE.json" \
                 ${E2E_ARGS:-}
             pack e2e ;;
+        e2e_flash)  # the padded and packed ways under flash-attention (varlen for the packed ones), if installed
+            if python3 -c "import flash_attn" 2>/dev/null; then
+                run_step e2e_flash 420 python3 -m benchmarks.e2e --device "$DEV" --attn flash_attention_2 \
+                    --out "results/e2e-flash-$DEV-$DATE.json" ${E2E_ARGS:-}
+                pack e2e_flash
+            else
+                echo "e2e_flash: flash_attn is not installed: skipped" | tee -a "$OUT/summary.txt"
+            fi ;;
         linear)  # the fused linear as training runs it: frozen vs trainable head, eager vs compiled, chunk, graph
             run_step linear 300 python3 -m benchmarks.linear_training --device "$DEV" \
                 --json "results/linear-training-$DEV-$DATE.json" ${LINEAR_ARGS:-}
             pack linear ;;
-        *) echo "unknown step $step (env, lane, suite, full, e2e, linear)" >&2; exit 2 ;;
+        *) echo "unknown step $step (env, lane, suite, full, e2e, e2e_flash, linear)" >&2; exit 2 ;;
     esac
 done
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
