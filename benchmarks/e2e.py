@@ -8,7 +8,7 @@ the loss, the backward (no optimizer step). The model has random weights (hidden
 8 KV heads, V = 128256, tied head: Llama-3.2-1B's shape; bf16 on GPU, fp32 on CPU), the batch 4 pairs x 2048
 tokens with a 1/8 prompt (``--size tiny``: a 2-layer, hidden-64, V = 1000 model, 2 pairs x 64 tokens, for CPU
 and the tests) with ``--lengths full``; by default (``--lengths ultrafeedback``) the lengths are drawn like
-UltraFeedback's (lognormal; LENGTHS below), 8 pairs at ``max_length`` 1024 (tiny: 4 pairs, 512), right-padded to
+UltraFeedback's (lognormal; LENGTHS below), 8 pairs at ``max_length`` 1024 (tiny too), right-padded to
 the batch's longest as TRL's collator pads: the padded ways run the padding, the packed ways only the real tokens.
 The ways:
 
@@ -64,7 +64,7 @@ SIZES = {
 # sigma, like UltraFeedback's; each sequence is prompt + completion truncated to ``max_length`` (TRL's
 # keep_start), the batch padded to its longest. Per size: pairs per batch and max_length.
 LENGTHS = {"medians": {"prompt": 100, "chosen": 250, "rejected": 200}, "sigma": 0.9}
-LENGTH_BATCH = {"1b": dict(pairs=8, max_length=1024), "tiny": dict(pairs=4, max_length=512)}
+LENGTH_BATCH = {"1b": dict(pairs=8, max_length=1024), "tiny": dict(pairs=8, max_length=1024)}
 
 
 def draw_lengths(pairs: int, max_length: int, seed: int = 0):
@@ -83,7 +83,7 @@ BETA = 0.1
 def unavailable(way: str) -> str:
     module = {"trl_logits": "trl.trainer.utils", "trl_fused_head": "trl.trainer.utils",
               "liger_fused_linear": "liger_kernel.chunked_loss", "trl_trainer": "trl",
-              "trl_trainer_fastdpo": "trl"}.get(way)
+              "trl_trainer_fastdpo": "trl", "trl_trainer_fastdpo_packed": "trl"}.get(way)
     if module:
         try:
             __import__(module)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from benchmarks.e2e import TRAINER_WAYS, WAYS, batch_summary, build, draw_lengths
+from benchmarks.e2e import LENGTH_BATCH, TRAINER_WAYS, WAYS, batch_summary, build, draw_lengths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,12 @@ def test_e2e_step_benchmark_runs_on_cpu(tmp_path):
 def test_ultrafeedback_batch():
     """The default batch: lengths drawn lognormal (the same draw every run), right-padded to the longest, about
     half padding, prompt and padding masked in the labels."""
-    prompt, seq = draw_lengths(4, 512)
-    assert torch.equal(seq, draw_lengths(4, 512)[1]) and int(seq.max()) <= 512
+    pairs, max_length = LENGTH_BATCH["tiny"]["pairs"], LENGTH_BATCH["tiny"]["max_length"]
+    prompt, seq = draw_lengths(pairs, max_length)
+    assert torch.equal(seq, draw_lengths(pairs, max_length)[1]) and int(seq.max()) <= max_length
     summary = batch_summary("tiny", "ultrafeedback")
     assert 0.2 < summary["padding"] < 0.8 and summary["real_tokens"] == int(seq.sum())
     _, ids, mask, labels, ref_c, ref_r = build("tiny", "cpu", lengths="ultrafeedback")
-    assert ids.shape == (8, int(seq.max())) and torch.equal(mask.sum(1), seq)
+    assert ids.shape == (2 * pairs, int(seq.max())) and torch.equal(mask.sum(1), seq)
     assert ((labels != -100).sum(1) == seq - prompt.repeat(2)).all()
-    assert ref_c.shape == ref_r.shape == (4,)
+    assert ref_c.shape == ref_r.shape == (pairs,)

@@ -60,10 +60,10 @@ def test_pack_batch_layout():
     # unpack is the inverse at every real token, ``fill`` elsewhere
     back = packed.unpack(packed.input_ids[0], fill=-1)
     assert torch.equal(back[attn.bool()], batch["input_ids"][attn.bool()]) and (back[attn == 0] == -1).all()
-    chosen, rejected = unpack_pairs(packed, packed.labels)
+    chosen, rejected = unpack_pairs(packed, packed.labels, per_token=True)
     assert torch.equal(torch.cat([chosen, rejected])[attn.bool()], labels[attn.bool()])
     seq = torch.arange(6.0)
-    assert all(torch.equal(x, y) for x, y in zip(unpack_pairs(packed, seq), seq.chunk(2)))
+    assert all(torch.equal(x, y) for x, y in zip(unpack_pairs(packed, seq, per_token=False), seq.chunk(2)))
     # shift_labels: the next token's label within the same sequence, -100 at each sequence's last token
     shifted = packed.shift_labels()[0]
     padded_shift = torch.cat([labels[:, 1:], torch.full((6, 1), -100)], 1).masked_fill(attn == 0, -100)
@@ -160,6 +160,87 @@ def test_packed_refusals():
         pack_preference_batch({k: v[:5] for k, v in batch.items()})
     with pytest.raises(ValueError, match="values"):
         packed.unpack(torch.zeros(4))
+    with pytest.raises(ValueError, match="values"):
+        unpack_pairs(packed, torch.zeros(4), per_token=False)
+    with pytest.raises(TypeError, match="per_token"):
+        unpack_pairs(packed, torch.zeros(6), per_token=None)
+    with pytest.raises(ValueError, match="no real token"):
+        pack_batch(batch["input_ids"], torch.zeros_like(batch["attention_mask"]))
+
+
+@pytest.mark.parametrize("lengths", [[2, 0], [1, 1, 1, 1]])
+def test_unpack_when_tokens_equal_sequences(lengths):
+    """As many tokens as sequences: per-token values still unpack to the padded layout (not read as one value
+    per sequence), and TRL's shift stays per sequence."""
+    T = 3
+    attn = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.arange(1, 1 + len(lengths) * T).view(-1, T)
+    packed = pack_batch(ids, attn, ids)
+    assert packed.num_tokens == len(lengths)
+    back = packed.unpack(packed.input_ids, fill=-1)
+    assert back.shape == (len(lengths), T) and torch.equal(back[attn.bool()], ids[attn.bool()])
+    chosen, rejected = unpack_pairs(packed, packed.input_ids, per_token=True)
+    assert chosen.shape == rejected.shape == (len(lengths) // 2, T)
+    assert packed.shift_labels()[0].tolist() == ([2, -100] if lengths == [2, 0] else [-100] * 4)
+
+
+def test_custom_attention_without_mask_function_refused():
+    """An attention implementation registered without a mask function gets no mask at all: a packed row would
+    attend across its sequences. Refused before the model runs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("unmasked_sdpa", sdpa_attention_forward)
+    model = tiny_llama(64, seed=6)
+    model.config._attn_implementation = "unmasked_sdpa"
+    packed = pack_preference_batch(_preference_batch(6))
+    with pytest.raises(ValueError, match="attn_implementation 'unmasked_sdpa'"):
+        fastdpo.policy_logps(model, **packed.model_inputs())
+
+
+def _hybrid(kind):
+    torch.manual_seed(0)
+    if kind == "lfm2":
+        from transformers import Lfm2Config, Lfm2ForCausalLM
+        return Lfm2ForCausalLM(Lfm2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          layer_types=["conv", "full_attention"], max_position_embeddings=64))
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    return Qwen3_5ForCausalLM(Qwen3_5TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("kind", ["lfm2", "qwen3_5"])
+def test_models_mixing_tokens_outside_attention_refused(kind):
+    """Convolution and linear-attention layers read straight across a packed row (position ids only reach the
+    attention mask): LFM2's short convolutions and Qwen3.5's Gated DeltaNet gave other log-probs packed than
+    padded, silently. Refused; the padded call still works."""
+    model = _hybrid(kind).float()
+    batch = _preference_batch(7, B=1, T=8)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    assert torch.isfinite(fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels).logps).all()
+    packed = pack_preference_batch(batch)
+    with pytest.raises(ValueError, match="mixes tokens outside attention"):
+        fastdpo.policy_logps(model, **packed.model_inputs())
+
+
+def test_checkout_detection(tmp_path):
+    """The shadowing fix acts only in a source checkout: in an installed wheel, site-packages/kernels is Hugging
+    Face's package and fastdpo's parent directory is site-packages."""
+    import pathlib
+
+    from fastdpo._checkout import is_checkout
+
+    assert is_checkout(pathlib.Path(fastdpo.__file__).resolve().parent.parent)
+    site = tmp_path / "site"
+    (site / "fastdpo").mkdir(parents=True)
+    (site / "kernels").mkdir()
+    (site / "fastdpo" / "_checkout.py").write_text("")
+    (site / "kernels" / "__init__.py").write_text("")
+    assert not is_checkout(site)
 
 
 def test_flash_attention_gets_varlen_offsets(monkeypatch):

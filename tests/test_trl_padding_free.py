@@ -108,6 +108,18 @@ def test_padding_free_trains_like_padded(tmp_path, extra):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_nested_packing_contexts(trainers):
+    """A trainer subclass calling one patched method inside another enters the packing context twice: the forward
+    is wrapped once (wrapped twice it received position_ids twice and raised), and restored after."""
+    trainer, batch = trainers(False)
+    lm = trainer.model
+    before = lm.__dict__.get("forward")
+    with fdt.patched():
+        with _trl_packed._packed_forwards(trainer), _trl_packed._packed_forwards(trainer):
+            _, _, _, packed_calls = _step(trainer, batch, True)
+    assert packed_calls == 2 and lm.__dict__.get("forward") is before
+
+
 def test_unpatched_trl_still_falls_back(tmp_path):
     """Without the patch TRL's own behaviour stands: it pads."""
     fdt.unpatch()

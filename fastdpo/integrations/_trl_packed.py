@@ -37,6 +37,9 @@ _FILTER = _DropTRLFallbackWarning()
 def _packed_call(lm, forward):
     """``lm``'s forward (TRL's fused LM head), its ``fused_lm_head=True`` calls on a padded batch run packed."""
 
+    if getattr(forward, "_fastdpo_packed", False):  # a nested context (a subclass calling one method inside another)
+        return forward
+
     @functools.wraps(forward)
     def run(*args, fused_lm_head=False, **kwargs):
         if not fused_lm_head:  # generation, compute_metrics' logits: the model's own padded forward
@@ -56,6 +59,7 @@ def _packed_call(lm, forward):
                 setattr(out, name, packed.unpack(value)[:, :-1])
         return out
 
+    run._fastdpo_packed = True
     return run
 
 

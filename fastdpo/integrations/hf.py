@@ -1,6 +1,8 @@
 """Plain Hugging Face loops: per-sequence log-probs of a causal LM without building its logits, padded or packed
 (padding-free: every sequence of the batch in one row, no padding token run through the model)."""
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
@@ -14,6 +16,9 @@ except ImportError:  # a torch built without distributed: no DTensor can reach u
 from fastdpo.dpo import DPOLossOutput
 from fastdpo.linear import linear_dpo_loss, linear_sequence_logps
 from fastdpo.logps import SequenceLogps
+
+
+logger = logging.getLogger(__name__)
 
 
 def _logit_options(config) -> dict:
@@ -85,30 +90,26 @@ class PackedBatch:
 
     def unpack(self, values: torch.Tensor, *, fill: float = 0) -> torch.Tensor:
         """Per-token packed values ``(total, ...)`` or ``(1, total, ...)`` back in the padded layout ``(S, T, ...)``,
-        ``fill`` at the padding (differentiable). Per-sequence values ``(S, ...)`` are already in row order and come
-        back as they are."""
+        ``fill`` at the padding (differentiable). Per-sequence values ``(S, ...)`` are already in row order."""
         S, T = self.padded_shape
         total = self.num_tokens
         if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:
             values = values[0]
-        if values.dim() >= 1 and values.shape[0] == total and not (total == S and values.dim() == 1):
-            out = values.new_full((S * T, *values.shape[1:]), fill)
-            return out.index_copy(0, self.index.to(values.device), values).view(S, T, *values.shape[1:])
-        if values.dim() >= 1 and values.shape[0] == S:
-            return values
-        raise ValueError(f"values: expected ({total}, ...) per-token or ({S}, ...) per-sequence values of this "
-                         f"packed batch, got {tuple(values.shape)}")
+        if values.dim() < 1 or values.shape[0] != total:
+            raise ValueError(f"values: expected per-token values ({total}, ...) or (1, {total}, ...) of this packed "
+                             f"batch, got {tuple(values.shape)}")
+        out = values.new_full((S * T, *values.shape[1:]), fill)
+        return out.index_copy(0, self.index.to(values.device), values).view(S, T, *values.shape[1:])
 
     def shift_labels(self, *, ignore_index: int = -100) -> torch.Tensor:
         """(1, total): the label each position predicts (the next token's label within its own sequence,
         ``ignore_index`` at each sequence's last token): Hugging Face's pre-shifted ``shift_labels``."""
         if self.labels is None:
             raise ValueError("this PackedBatch was packed without labels")
-        nxt = torch.roll(self.labels, -1, dims=1)
-        last = torch.zeros_like(self.labels[0], dtype=torch.bool)
-        ends = self.cu_seqlens[1:].to(torch.int64) - 1
-        last[ends[ends >= 0]] = True
-        return nxt.masked_fill(last[None], ignore_index)
+        # a sequence's last token: the next position restarts at 0, or the row ends (no host read)
+        last = torch.roll(self.position_ids, -1, dims=1) == 0
+        last[:, -1] = True
+        return torch.roll(self.labels, -1, dims=1).masked_fill(last.to(self.labels.device), ignore_index)
 
 
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -128,14 +129,18 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Op
     S, T = input_ids.shape
     real = attention_mask.to(input_ids.device) != 0
     runs = torch.diff(real.to(torch.int8), dim=1, prepend=torch.zeros_like(real[:, :1], dtype=torch.int8)) == 1
-    lengths, run_counts = torch.stack([real.sum(1), runs.sum(1)]).tolist()  # the one host read
+    lengths_t = real.sum(1)
+    lengths, run_counts = torch.stack([lengths_t, runs.sum(1)]).tolist()  # the one host read
     gaps = [s for s in range(S) if run_counts[s] > 1]
     if gaps:
         raise ValueError(f"attention_mask: row {gaps[0]} has padding between its tokens; packing needs each row's "
                          "tokens as one contiguous run (right or left padding)")
-    index = real.reshape(-1).nonzero().squeeze(1)
-    total = index.numel()
-    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=input_ids.device)
+    total = sum(lengths)
+    if total == 0:
+        raise ValueError("attention_mask: the batch holds no real token; there is nothing to pack")
+    flat = real.reshape(-1)
+    index = (torch.nonzero_static(flat, size=total) if hasattr(torch, "nonzero_static") and flat.device.type != "cpu"
+             else flat.nonzero()).squeeze(1)  # nonzero_static: no second sync on a GPU
     cu = torch.zeros(S + 1, dtype=torch.int32, device=input_ids.device)
     cu[1:] = lengths_t.cumsum(0)
     starts = torch.repeat_interleave(cu[:-1].to(torch.int64), lengths_t, output_size=total)
@@ -166,26 +171,70 @@ def pack_preference_batch(batch: Mapping[str, torch.Tensor], *, ignore_index: in
     return pack_batch(input_ids, batch["attention_mask"], labels)
 
 
-def unpack_pairs(packed: PackedBatch, values: torch.Tensor, *, fill: float = 0
+def unpack_pairs(packed: PackedBatch, values: torch.Tensor, *, per_token: bool, fill: float = 0
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed outputs of a preference batch -> ``(chosen, rejected)``: per-sequence ``(2B,)`` values to two
-    ``(B,)``, per-token ``(total,)`` values to two padded ``(B, T)``."""
-    return packed.unpack(values, fill=fill).chunk(2, dim=0)
+    """Packed outputs of a preference batch -> ``(chosen, rejected)``: ``per_token=False``, per-sequence ``(2B, ...)``
+    values to two ``(B, ...)``; ``per_token=True``, ``(total, ...)`` or ``(1, total, ...)`` values to two padded
+    ``(B, T, ...)`` (``fill`` at the padding). Said, not guessed: a batch can hold as many tokens as sequences."""
+    if not isinstance(per_token, bool):
+        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
+    if per_token:
+        return packed.unpack(values, fill=fill).chunk(2, dim=0)
+    S = packed.padded_shape[0]
+    if values.dim() < 1 or values.shape[0] != S:
+        raise ValueError(f"values: expected per-sequence values ({S}, ...), got {tuple(values.shape)}")
+    return values.chunk(2, dim=0)
+
+
+_SEQUENCE_MIXERS = re.compile(r"mamba|ssm|deltanet|gated_?delta|shortconv|short_conv|rwkv|recurrent|linear_?att"
+                              r"|lightning|hyena|retnet|xlstm|mlstm", re.IGNORECASE)
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local"}
+_WARNED_DENSE = set()
+
+
+def _token_mixers_besides_attention(lm) -> Optional[str]:
+    """Why ``lm`` has layers that mix tokens other than by masked attention (convolutions, recurrent or linear
+    attention state): such layers read straight across a packed row's boundaries, whatever the position ids."""
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for attr in ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern"):
+        kinds = getattr(text, attr, None)
+        if isinstance(kinds, (list, tuple)) and set(map(str, kinds)) - _ATTENTION_LAYERS:
+            return f"config.{attr} holds {sorted(set(map(str, kinds)) - _ATTENTION_LAYERS)}"
+    for name, module in lm.named_modules():
+        if isinstance(module, torch.nn.Conv1d) or _SEQUENCE_MIXERS.search(type(module).__name__):
+            return f"{name or 'the model'} is a {type(module).__name__}"
+    return None
 
 
 def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total: int) -> dict:
     """What a packed forward of ``lm`` needs beyond ``input_ids``: ``position_ids`` restarting at each sequence,
     no attention mask and no cache (transformers then masks attention per sequence: its ``masking_utils`` finds
-    the sequences from the restarts), and flash-attention's varlen offsets when the model attends with it."""
+    the sequences from the restarts), and flash-attention's varlen offsets when the model attends with it.
+
+    Refused (``ValueError``), where a packed row would silently attend or carry state across sequences: an
+    attention implementation transformers has no mask function for (a custom registered one), and models with
+    layers that mix tokens other than by attention (convolutions, state-space, linear attention)."""
     impl = str(getattr(lm.config, "_attn_implementation", None) or "")
+    why = _token_mixers_besides_attention(lm)
+    if why:
+        raise ValueError(f"cu_seqlens: {type(lm).__name__} mixes tokens outside attention ({why}); those layers "
+                         "would read across the packed sequences' boundaries: use a padded batch")
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"cu_seqlens: this transformers version cannot mask attention per packed sequence (it "
+                         "lacks masking_utils' packed-sequence detection); use a padded batch") from e
+    if impl not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise ValueError(f"cu_seqlens: attn_implementation {impl!r} has no mask function in transformers' "
+                         f"masking_utils (known: {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}), so nothing "
+                         "would keep a packed row's sequences apart: use one of those or a padded batch")
     flash = "flash" in impl
-    if not flash:
-        try:
-            from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"cu_seqlens: this transformers version cannot mask attention per packed sequence "
-                             f"under attn_implementation={impl!r} (it lacks masking_utils' packed-sequence "
-                             "detection); use a flash-attention implementation or a padded batch") from e
+    if not flash and impl not in _WARNED_DENSE:
+        _WARNED_DENSE.add(impl)
+        logger.warning("fastdpo: a packed row under attn_implementation=%r attends under a dense (total x total) "
+                       "block-diagonal mask: total^2 attention work, more than the padded batch's; packing pays "
+                       "in the linear layers and the LM head, and in attention too under flash_attention_2/3 "
+                       "(varlen)", impl)
     cu = cu_seqlens.to(torch.int64)
     seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
     kwargs = {"position_ids": (torch.arange(total, device=cu.device) - cu[seg])[None], "use_cache": False}
@@ -220,7 +269,7 @@ def _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens=None,
         input_ids = input_ids.reshape(1, -1)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
             raise ValueError("cu_seqlens: expected a 1-D integer tensor of sequence offsets")
-        backbone_kwargs = packed_forward_kwargs(lm, cu_seqlens.to(input_ids.device), max_seqlen, input_ids.shape[1])
+        backbone_kwargs = packed_forward_kwargs(lm, cu_seqlens, max_seqlen, input_ids.shape[1])
 
     def fused_forward(*args, **kwargs):
         # the backbone is looked up here: FSDP2 and PEFT may have replaced it since
@@ -237,6 +286,13 @@ def _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens=None,
             del lm.forward
         else:
             lm.forward = saved
+
+
+def _on(cu_seqlens, input_ids):
+    """``cu_seqlens`` on the tokens' device (a convenience of the helpers; the ops themselves refuse a mismatch)."""
+    if isinstance(cu_seqlens, torch.Tensor) and isinstance(input_ids, torch.Tensor):
+        return cu_seqlens.to(input_ids.device)
+    return cu_seqlens
 
 
 def policy_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *,
@@ -260,7 +316,8 @@ def policy_logps(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
         max_seqlen: the longest packed sequence, for flash-attention (read from ``cu_seqlens`` if not given).
         kwargs: passed to ``linear_sequence_logps`` (``return_token_logps``, ``chunk_bytes``, ...).
     """
-    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    packed = {} if cu_seqlens is None else {"cu_seqlens": _on(cu_seqlens, input_ids)}
+    cu_seqlens = packed.get("cu_seqlens")
 
     def loss_fn(hidden, weight, bias, options):
         return linear_sequence_logps(hidden, weight, labels, bias, ignore_index=ignore_index, average=average,
@@ -283,7 +340,8 @@ def policy_dpo_loss(model, input_ids: torch.Tensor, attention_mask: Optional[tor
         kwargs: passed to ``linear_dpo_loss``: the loss options (``beta``, ``loss_type``, ... or ``config``),
             ``chunk_bytes``, ``lean``.
     """
-    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    packed = {} if cu_seqlens is None else {"cu_seqlens": _on(cu_seqlens, input_ids)}
+    cu_seqlens = packed.get("cu_seqlens")
 
     def loss_fn(hidden, weight, bias, options):
         return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias,
