@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (README's command runs two workers) one thread each: the tests' ops are small, and two
+# threads per worker on two cores wait on each other.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 import fastdpo  # noqa: E402,F401  (before any test imports transformers: see fastdpo/_checkout.py)
 

@@ -47,6 +47,7 @@ def reference(logits, labels, ref_c, ref_r, cfg: DPOLossConfig):
     """Float64 (loss, dlogits, chosen_logps, rejected_logps) of the spec, with TRL's LD-DPO and WPO code."""
     x = logits.detach().double().requires_grad_(True)
     tok, mask = naive_token_logps(x, labels, dtype=torch.float64)
+    tok.retain_grad()  # dL/d(token log-prob): the coefficient of each row's (onehot - p)
     sums = tok.sum(1)
     logps = (tok * ld_weights(mask, cfg.ld_alpha)).sum(1) if cfg.ld_alpha is not None else sums
     B = logps.shape[0] // 2
@@ -62,7 +63,8 @@ def reference(logits, labels, ref_c, ref_r, cfg: DPOLossConfig):
     loss = dpo_loss_from_logps(logps[:B], logps[B:], *refs, chosen_tokens=n[:B], rejected_tokens=n[B:],
                                chosen_sums=sums[:B], pair_weights=pair_w, config=cfg)
     loss.backward()
-    return loss.detach(), x.grad, logps[:B].detach(), logps[B:].detach()
+    coef_max = 0.0 if tok.grad is None else tok.grad.abs().nan_to_num(0.0).max().item()
+    return loss.detach(), x.grad, logps[:B].detach(), logps[B:].detach(), coef_max
 
 
 def check(logits, labels, ref_c, ref_r, device=None, **options):
@@ -72,19 +74,32 @@ def check(logits, labels, ref_c, ref_r, device=None, **options):
     refs = (None, None) if ref_c is None else (ref_c.to(dev), ref_r.to(dev))
     out = fastdpo.dpo_loss(x, labels.to(dev), *refs, config=cfg)
     out.loss.backward()
-    ref_loss, ref_grad, ref_chosen, ref_rejected = reference(logits, labels, ref_c, ref_r, cfg)
+    ref_loss, ref_grad, ref_chosen, ref_rejected, coef_max = reference(logits, labels, ref_c, ref_r, cfg)
     T = labels.shape[1]
     seq_tol = logp_tol(logits) * T
     torch.testing.assert_close(out.chosen_logps.double().cpu(), ref_chosen, rtol=0, atol=seq_tol)
     torch.testing.assert_close(out.rejected_logps.double().cpu(), ref_rejected, rtol=0, atol=seq_tol)
     # the loss moves by at most |dL/dlogp| * seq_tol per sequence, plus fp32 rounding of the loss itself
     dl = ref_grad.abs().sum((1, 2)).max().item()
-    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=dl * seq_tol + 1e-6)
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=dl * seq_tol + 1e-6,
+                               equal_nan=True)  # 'sft' with no chosen token: an empty mean, NaN in both
     gmax = ref_grad.abs().max().item()
-    # fp32 coefficients (rtol 1e-4 covers their exp/log chains), then one rounding to the logits' dtype
+    # fp32 coefficients (rtol 1e-4 covers their exp/log chains); coef * (onehot - p) with p from an fp32
+    # log-sum-exp (absolute error coef * 2 logp_tol: at a target with p near 1 the difference cancels); then one
+    # rounding to the logits' dtype
     torch.testing.assert_close(x.grad.double().cpu(), ref_grad, rtol=max(1e-4, store_rtol(logits.dtype)),
-                               atol=1e-6 * max(gmax, 1e-3) + store_atol(logits.dtype))
+                               atol=1e-6 * max(gmax, 1e-3) + coef_max * 2 * logp_tol(logits)
+                               + store_atol(logits.dtype))
     return out, x.grad
+
+
+def test_sft_without_chosen_tokens(backend):
+    """'sft' over a batch whose chosen completions hold no token: the mean of nothing, NaN as TRL's
+    ``-logps[mask].mean()``, and no gradient (TRL's is zero too); found by the fuzz."""
+    logits = torch.tensor([[[0.0160], [-0.0552]], [[0.0396], [-0.1062]]])
+    labels = torch.full((2, 2), -100)
+    out, grad = check(logits, labels, None, None, loss_type="sft", beta=0.01)
+    assert out.loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -142,7 +157,7 @@ def test_half_precision_logits(backend, dtype):
     x = logits.clone().requires_grad_(True)
     out = fastdpo.dpo_loss(x, labels, ref_c, ref_r, beta=0.1)
     out.loss.backward()
-    ref_loss, ref_grad, _, _ = reference(logits, labels, ref_c, ref_r, DPOLossConfig(beta=0.1))
+    ref_loss, ref_grad, _, _, _ = reference(logits, labels, ref_c, ref_r, DPOLossConfig(beta=0.1))
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     assert x.grad.dtype == dtype
     # one rounding to the storage dtype (a full ulp for bf16 under the interpreter, see helpers.py)

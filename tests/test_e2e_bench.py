@@ -1,8 +1,8 @@
 """``python -m benchmarks.e2e --device cpu --size tiny --trainer`` runs: one DPO step of a tiny Llama eight ways
-(padded and packed) and TRL's DPOTrainer shipped, patched and patched with padding_free=True, each in a fresh
-process; the ways with reference log-probs agree on the loss, and so do the trainers (the script checks it and
-exits non-zero otherwise). Run at ``--lengths full`` (the quick shape); the default UltraFeedback-like batch is
-checked for what it is."""
+(padded and packed) and TRL's DPOTrainer shipped, patched and patched with padding_free=True (in one process
+here; each in a fresh one is the default, for peak memory in isolation); the ways with reference log-probs agree
+on the loss, and so do the trainers (the script checks it and exits non-zero otherwise). Run at ``--lengths full``
+(the quick shape); the default UltraFeedback-like batch is checked for what it is."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def test_e2e_step_benchmark_runs_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDPO_BACKEND")}
     out = tmp_path / "e2e.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--device", "cpu", "--size", "tiny", "--repeats",
-                           "1", "--trainer", "--lengths", "full", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "1", "--trainer", "--lengths", "full", "--in-process", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["way"] for r in rows] == list(WAYS + TRAINER_WAYS)

@@ -1,7 +1,8 @@
 """Property-based fuzzing: random shapes (V from 1 to 300k), ragged masks, shifts, strides, dtypes and loss
 types, both backends, held to the float64 oracles of test_sequence_logps.py and test_dpo_loss.py.
 
-300 examples in CI (derandomized: the same examples every run). A longer fuzz run:
+270 examples in README's run (100 log-prob cases per backend, 50 loss cases on the PyTorch path and 20 on the
+interpreted kernels; derandomized: the same examples every run). A longer fuzz run:
 
     FASTDPO_FUZZ_EXAMPLES=5000 FASTDPO_FUZZ_SEED=random python -m pytest tests/test_fuzz.py
 
@@ -10,6 +11,7 @@ Every failure found becomes a regression test in the file of the op it broke.
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,12 +27,15 @@ SETTINGS = dict(deadline=None, derandomize=os.environ.get("FASTDPO_FUZZ_SEED") !
 
 VOCABS = st.one_of(st.integers(1, 70), st.integers(71, 9000),
                    st.sampled_from([32000, 50257, 128256, 151936, 262144, 300000]))
+# The DPO ops' vocabulary handling is the log-prob kernels' (fuzzed above up to 300k); their own part is the
+# per-sequence sums and the loss head, so their fuzz stays at vocabularies the interpreter runs quickly.
+DPO_VOCABS = st.one_of(st.integers(1, 70), st.integers(71, 9000), st.just(32000))
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
 @st.composite
-def logits_and_labels(draw, even_rows=False):
-    V = draw(VOCABS)
+def logits_and_labels(draw, even_rows=False, vocabs=VOCABS):
+    V = draw(vocabs)
     big = V > 9000  # the interpreter pays per row and vocabulary block: few rows for large vocabularies
     N = draw(st.integers(1, 2 if big else 4)) * (2 if even_rows else 1)
     T = draw(st.integers(1 if not even_rows else 2, 4 if big else 12))
@@ -60,10 +65,7 @@ def test_fuzz_sequence_logps(backend, case, average):
     check_logps(logits, labels, shift=shift, average=average)
 
 
-@settings(max_examples=max(1, int(50 * SCALE)), **SETTINGS)
-@given(case=logits_and_labels(even_rows=True), loss_type=st.sampled_from(LOSS_TYPES),
-       beta=st.sampled_from([0.01, 0.1, 1.0]), reference=st.booleans())
-def test_fuzz_dpo_loss(backend, case, loss_type, beta, reference):
+def _fuzz_dpo(case, loss_type, beta, reference):
     logits, labels, shift = case
     B = logits.shape[0] // 2
     g = torch.Generator().manual_seed(B)
@@ -73,3 +75,23 @@ def test_fuzz_dpo_loss(backend, case, loss_type, beta, reference):
         labels = torch.nn.functional.pad(labels[:, :-1], (1, 0), value=-100)
     check_dpo(logits, labels, ref_c, ref_r, loss_type=loss_type, beta=beta,
               label_smoothing=SMOOTHED.get(loss_type, 0.0))
+
+
+DPO_CASES = dict(case=logits_and_labels(even_rows=True, vocabs=DPO_VOCABS), loss_type=st.sampled_from(LOSS_TYPES),
+                 beta=st.sampled_from([0.01, 0.1, 1.0]), reference=st.booleans())
+
+
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+@settings(max_examples=max(1, int(50 * SCALE)), **SETTINGS)
+@given(**DPO_CASES)
+def test_fuzz_dpo_loss(backend, case, loss_type, beta, reference):
+    _fuzz_dpo(case, loss_type, beta, reference)
+
+
+# The interpreter runs each (row, block) program in Python: ~7 s per DPO case, so fewer cases than the torch path
+# (the kernels' log-prob part is fuzzed above at every vocabulary size).
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@settings(max_examples=max(1, int(20 * SCALE)), **SETTINGS)
+@given(**DPO_CASES)
+def test_fuzz_dpo_loss_interpreted(backend, case, loss_type, beta, reference):
+    _fuzz_dpo(case, loss_type, beta, reference)

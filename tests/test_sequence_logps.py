@@ -400,7 +400,10 @@ def test_vocabulary_major_offsets_past_2_32(backend, dtype):
     labels[0, 1] = V - 1  # the farthest entry is a target
     out, grad = check(logits, labels, return_token_stats=True)
     compact = fastdpo.sequence_logps(values, labels, return_token_logps=True, return_token_stats=True)
-    assert torch.equal(out.token_logps, compact.token_logps)
+    if backend == "triton":  # the kernel reads the same values in the same order whatever the layout
+        assert torch.equal(out.token_logps, compact.token_logps)
+    else:  # torch's CPU reductions order a strided row differently: fp32 rounding apart
+        torch.testing.assert_close(out.token_logps, compact.token_logps, rtol=1e-6, atol=1e-6)
     # in place: the gradient is written through the same far offsets
     x = logits.requires_grad_(True)
     res = fastdpo.sequence_logps(x, labels, inplace_backward=True)

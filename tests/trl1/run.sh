@@ -14,7 +14,8 @@ for v in ${TRL_VERSIONS:-1.14.1 1.14.2 1.15.0}; do
   dir=.venv/trl-$v
   [ -f "$dir/trl/__init__.py" ] || "$py" -m pip install -q --no-deps --target "$dir" "trl==$v"
   PYTHONPATH="$dir" "$py" -c "import trl, sys; sys.exit(trl.__version__ != '$v')" || { echo "TRL $v not first on the path" >&2; exit 1; }
-  echo "+ TRL $v: tests/test_trl_parity.py tests/test_trl_integration.py"
+  echo "+ TRL $v: tests/test_trl_parity.py tests/test_trl_integration.py tests/test_trl_padding_free.py"
   OMP_NUM_THREADS=1 PYTHONPATH="$dir" "$py" -m pytest tests/test_trl_parity.py tests/test_trl_integration.py \
+    tests/test_trl_padding_free.py \
     -k "not triton" "$@"
 done
