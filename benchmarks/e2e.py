@@ -43,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -343,6 +344,38 @@ def batch_summary(size: str, lengths: str) -> dict:
                      f"({1 - real / padded:.0%} padding)")}
 
 
+PACKING_PAIRS = (("fastdpo_logits", "fastdpo_logits_packed"), ("fastdpo_linear", "fastdpo_linear_packed"),
+                 ("trl_trainer_fastdpo", "trl_trainer_fastdpo_packed"))
+
+
+def plot_packing(rows, title: str, path: str) -> None:
+    """Padded against packed, side by side: time per step and peak extra memory per pair of ways."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_way = {r["way"]: r for r in rows if "median_ms" in r}
+    pairs = [(a, b) for a, b in PACKING_PAIRS if a in by_way and b in by_way]
+    if not pairs:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = range(len(pairs))
+    for ax, key, label, scale in ((axes[0], "median_ms", "ms / step", 1.0),
+                                  (axes[1], "peak_mem_bytes", "peak extra MiB", 2 ** -20)):
+        padded = [by_way[a][key] * scale for a, _ in pairs]
+        packed = [by_way[b][key] * scale for _, b in pairs]
+        ax.bar([i - 0.2 for i in x], padded, 0.4, label="padded")
+        ax.bar([i + 0.2 for i in x], packed, 0.4, label="packed")
+        ax.set_xticks(list(x), [a.replace("fastdpo_", "").replace("trl_trainer", "TRL trainer") for a, _ in pairs])
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def check_losses(rows, device: str) -> None:
     """The ways with reference log-probs compute the same loss, and so do the two trainer rows: within fp32
     rounding on CPU, bf16's on GPU."""
@@ -363,7 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=tuple(SIZES), default=None, help="default: 1b on CUDA, tiny on CPU")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--in-process", action="store_true", help="every way in this process (memory not isolated)")
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--out", default=None, help="write the rows as JSON here (and, with --lengths ultrafeedback, "
+                                               "the padded-vs-packed plot beside it, FILE-packing.png)")
     p.add_argument("--trainer", action="store_true", help="also TRL's DPOTrainer, shipped and patched")
     p.add_argument("--lengths", choices=("ultrafeedback", "full"), default="ultrafeedback",
                    help="sequence lengths: drawn like UltraFeedback's (default; padded ways pad to the longest), or "
@@ -395,6 +429,9 @@ def main(argv=None) -> int:
         sp = f"{base['median_ms'] / r['median_ms']:.2f}x" if base and r["way"] in WAYS else "-"
         print(f"| {r['way']} | {r.get('tokens', '-')} | {r['median_ms']:.1f} | {r['peak_mem_bytes'] / 2 ** 20:.0f} "
               f"| {sp} | {r['loss']:.6g} |")
+    if a.out and a.lengths == "ultrafeedback":
+        plot_packing(rows, f"padded vs packed, {device_name}, {size}, attn {a.attn}: {batch['text'][7:]}",
+                     os.path.splitext(a.out)[0] + "-packing.png")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": device_name, "size": size, "attn": a.attn, "lengths": a.lengths,

@@ -48,3 +48,13 @@ def test_ultrafeedback_batch():
     assert ids.shape == (2 * pairs, int(seq.max())) and torch.equal(mask.sum(1), seq)
     assert ((labels != -100).sum(1) == seq - prompt.repeat(2)).all()
     assert ref_c.shape == ref_r.shape == (pairs,)
+
+
+def test_packing_plot(tmp_path):
+    from benchmarks.e2e import plot_packing
+
+    rows = [{"way": w, "median_ms": 10.0 + i, "peak_mem_bytes": 2 ** 20 * (5 + i)}
+            for i, w in enumerate(["fastdpo_logits", "fastdpo_logits_packed", "fastdpo_linear", "fastdpo_linear_packed"])]
+    path = tmp_path / "p.png"
+    plot_packing(rows, "title", str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -276,3 +276,62 @@ def test_flash_attention_gets_varlen_offsets(monkeypatch):
     assert seen and all(torch.equal(s["cu_seq_lens_q"], packed.cu_seqlens) for s in seen)
     assert all(s["max_length_q"] == s["max_length_k"] == packed.max_seqlen for s in seen)
     torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
+
+
+def test_sdpa_attends_per_sequence(monkeypatch):
+    """Under sdpa the packed forward runs attention one sequence at a time (sdpa's causal kernels on each
+    sequence's own tokens, no mask): the work of the real tokens, not the packed row's total^2 under a dense mask."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, **kwargs):
+        calls.append((q.shape[2], attn_mask is None, kwargs.get("is_causal")))
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_llama(64, seed=8)
+    batch = _preference_batch(8)
+    packed = pack_preference_batch(batch)
+    fastdpo.policy_logps(model, **packed.model_inputs())
+    lengths = batch["attention_mask"].sum(1).tolist()
+    layers = model.config.num_hidden_layers
+    assert sorted(q for q, _, _ in calls) == sorted([n for n in lengths if n > 0] * layers)
+    assert all(no_mask for _, no_mask, _ in calls)
+
+
+def test_packed_under_gradient_checkpointing(backend):
+    """Gradient checkpointing recomputes each layer in backward, outside the helper's call: the per-sequence
+    boundaries travel with the layer's arguments, so the recompute attends per sequence too."""
+    model = tiny_llama(64, seed=9)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = _preference_batch(9)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels)
+    padded.logps.sum().backward()
+    g_padded = _grads(model)
+    model.zero_grad()
+    out = fastdpo.policy_logps(model, **pack_preference_batch(batch).model_inputs())
+    out.logps.sum().backward()
+    torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
+    _assert_grads_close(_grads(model), g_padded)
+
+
+def test_sliding_window_packed_equals_padded():
+    """A sliding-window model (Mistral, window 4 < the sequences) keeps transformers' mask under sdpa: the
+    per-sequence path steps aside for layers it cannot reproduce."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                             max_position_embeddings=64)).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    batch = _preference_batch(10)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels)
+    out = fastdpo.policy_logps(model, **pack_preference_batch(batch).model_inputs())
+    torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)

@@ -206,6 +206,44 @@ def _token_mixers_besides_attention(lm) -> Optional[str]:
     return None
 
 
+SEGMENTS_KWARG = "fastdpo_segments"  # the packed row's (start, end) pairs, for the per-sequence sdpa below
+_SDPA_NEUTRAL = {"dropout", "scaling", "position_ids", "use_cache", "is_causal", "output_attentions"}
+
+
+def _sdpa_per_sequence(original):
+    """transformers' ``sdpa`` attention, computing a packed row one sequence at a time when the forward carries
+    ``fastdpo_segments`` (a kwarg transformers hands every attention call, and gradient checkpointing's recompute
+    too): each sequence is causal attention on its own tokens, with no mask, so sdpa's fused kernels run and the
+    work is the real tokens' (the sum of each length squared), not the packed row's ``total^2`` under a dense
+    block-diagonal mask. Any other call, and any layer this cannot reproduce exactly (a sliding window, a
+    position bias, a non-causal module, a query of another length than its keys), takes the original function
+    with transformers' mask, unchanged."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        segments = kwargs.pop(SEGMENTS_KWARG, None)
+        # anything else a model hands its attention (a sliding window, a softcap, sinks, a position bias, ...)
+        # must be absent, None or False for plain causal attention per sequence to be the same computation
+        other = any(v is not None and v is not False for k, v in kwargs.items() if k not in _SDPA_NEUTRAL)
+        if (segments is None or other or args or kwargs.get("is_causal") is False
+                or getattr(module, "sliding_window", None) is not None or not getattr(module, "is_causal", True)
+                or query.shape[2] != key.shape[2] or query.shape[0] != 1):
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        outs = [original(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+                for a, b in segments if b > a]
+        return torch.cat(outs, dim=1), None
+
+    attention.fastdpo_original = original
+    return attention
+
+
+def _install_sdpa_per_sequence() -> None:
+    from transformers import AttentionInterface
+
+    current = AttentionInterface._global_mapping.get("sdpa")
+    if current is not None and not hasattr(current, "fastdpo_original"):
+        AttentionInterface.register("sdpa", _sdpa_per_sequence(current))
+
+
 def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total: int) -> dict:
     """What a packed forward of ``lm`` needs beyond ``input_ids``: ``position_ids`` restarting at each sequence,
     no attention mask and no cache (transformers then masks attention per sequence: its ``masking_utils`` finds
@@ -229,18 +267,27 @@ def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int
                          f"masking_utils (known: {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}), so nothing "
                          "would keep a packed row's sequences apart: use one of those or a padded batch")
     flash = "flash" in impl
-    if not flash and impl not in _WARNED_DENSE:
+    if not flash and impl != "sdpa" and impl not in _WARNED_DENSE:
         _WARNED_DENSE.add(impl)
         logger.warning("fastdpo: a packed row under attn_implementation=%r attends under a dense (total x total) "
                        "block-diagonal mask: total^2 attention work, more than the padded batch's; packing pays "
-                       "in the linear layers and the LM head, and in attention too under flash_attention_2/3 "
-                       "(varlen)", impl)
+                       "in the linear layers and the LM head, and in attention too under sdpa (per sequence) "
+                       "and flash_attention_2/3 (varlen)", impl)
     cu = cu_seqlens.to(torch.int64)
+    # the model side reads the offsets once per forward: checked before any layer indexes with them, the
+    # boundaries of the per-sequence sdpa, flash-attention's longest sequence
+    bounds = cu.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to the token count {total}, got "
+                         f"{bounds if len(bounds) <= 12 else bounds[:6] + ['...'] + bounds[-3:]}")
     seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
     kwargs = {"position_ids": (torch.arange(total, device=cu.device) - cu[seg])[None], "use_cache": False}
+    if impl == "sdpa":
+        _install_sdpa_per_sequence()
+        kwargs[SEGMENTS_KWARG] = tuple(zip(bounds[:-1], bounds[1:]))
     if flash:
         if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+            max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:]))
         cu32 = cu_seqlens.to(torch.int32)
         kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=max_seqlen, max_length_k=max_seqlen)
     return kwargs
