@@ -348,6 +348,10 @@ PACKING_PAIRS = (("fastdpo_logits", "fastdpo_logits_packed"), ("fastdpo_linear",
                  ("trl_trainer_fastdpo", "trl_trainer_fastdpo_packed"))
 
 
+PACKING_LABELS = {"fastdpo_logits": "dpo_loss on the logits", "fastdpo_linear": "fused linear (policy_dpo_loss)",
+                  "trl_trainer_fastdpo": "TRL DPOTrainer, patched"}
+
+
 def plot_packing(rows, title: str, path: str) -> None:
     """Padded against packed, side by side: time per step and peak extra memory per pair of ways."""
     import matplotlib
@@ -367,7 +371,7 @@ def plot_packing(rows, title: str, path: str) -> None:
         packed = [by_way[b][key] * scale for _, b in pairs]
         ax.bar([i - 0.2 for i in x], padded, 0.4, label="padded")
         ax.bar([i + 0.2 for i in x], packed, 0.4, label="packed")
-        ax.set_xticks(list(x), [a.replace("fastdpo_", "").replace("trl_trainer", "TRL trainer") for a, _ in pairs])
+        ax.set_xticks(list(x), [PACKING_LABELS[a] for a, _ in pairs])
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)

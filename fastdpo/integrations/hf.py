@@ -267,7 +267,7 @@ def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int
                          f"masking_utils (known: {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}), so nothing "
                          "would keep a packed row's sequences apart: use one of those or a padded batch")
     flash = "flash" in impl
-    if not flash and impl != "sdpa" and impl not in _WARNED_DENSE:
+    if impl == "eager" and impl not in _WARNED_DENSE:
         _WARNED_DENSE.add(impl)
         logger.warning("fastdpo: a packed row under attn_implementation=%r attends under a dense (total x total) "
                        "block-diagonal mask: total^2 attention work, more than the padded batch's; packing pays "
