@@ -335,3 +335,49 @@ def test_sliding_window_packed_equals_padded():
     padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels)
     out = fastdpo.policy_logps(model, **pack_preference_batch(batch).model_inputs())
     torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
+
+
+def _sdpa_mask_spy(monkeypatch):
+    import torch.nn.functional as F
+
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, **kwargs):
+        masks.append(attn_mask is not None)
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return masks
+
+
+def test_mask_only_attention_keeps_transformers_mask(monkeypatch):
+    """Llama4's chunked attention lives only in its mask (no kwarg reaches the attention call): attending per
+    sequence gave other logits (0.62 apart). Families outside the verified list keep transformers' masked sdpa."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=4, num_local_experts=2,
+        max_position_embeddings=64)).float()
+    model.config._attn_implementation = "sdpa"
+    batch = _preference_batch(11)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = fastdpo.policy_logps(model, batch["input_ids"], batch["attention_mask"], labels)
+    masks = _sdpa_mask_spy(monkeypatch)
+    out = fastdpo.policy_logps(model, **pack_preference_batch(batch).model_inputs())
+    assert masks and all(masks)
+    torch.testing.assert_close(out.logps, padded.logps, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_models_keep_transformers_mask():
+    """The per-sequence boundaries are Python ints: under torch.compile every new batch would be a new graph, so a
+    compiled model keeps transformers' mask (one graph)."""
+    from fastdpo.integrations.hf import SEGMENTS_KWARG, is_compiled, packed_forward_kwargs
+
+    model = tiny_llama(64, seed=12)
+    cu = torch.tensor([0, 4, 10])
+    assert not is_compiled(model, model) and is_compiled(torch.compile(model), model)
+    assert SEGMENTS_KWARG in packed_forward_kwargs(model, cu, None, 10)
+    assert SEGMENTS_KWARG not in packed_forward_kwargs(model, cu, None, 10, compiled=True)

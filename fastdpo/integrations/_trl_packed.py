@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 
-from fastdpo.integrations.hf import causal_lm, packed_forward_kwargs, pack_batch
+from fastdpo.integrations.hf import causal_lm, is_compiled, packed_forward_kwargs, pack_batch
 
 _ORIGINAL = None  # DPOTrainer's own _compute_loss and compute_ref_log_probs while patched
 _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -34,7 +34,7 @@ class _DropTRLFallbackWarning(logging.Filter):
 _FILTER = _DropTRLFallbackWarning()
 
 
-def _packed_call(lm, forward):
+def _packed_call(lm, forward, compiled: bool):
     """``lm``'s forward (TRL's fused LM head), its ``fused_lm_head=True`` calls on a padded batch run packed."""
 
     if getattr(forward, "_fastdpo_packed", False):  # a nested context (a subclass calling one method inside another)
@@ -50,7 +50,8 @@ def _packed_call(lm, forward):
             raise ValueError("padding_free=True (fastdpo): a packed forward takes input_ids, attention_mask and "
                              f"labels only; this batch also has {extra or 'positional arguments'}")
         packed = pack_batch(kwargs.pop("input_ids"), kwargs.pop("attention_mask"), kwargs.pop("labels"))
-        kwargs.update(packed_forward_kwargs(lm, packed.cu_seqlens, packed.max_seqlen, packed.num_tokens))
+        kwargs.update(packed_forward_kwargs(lm, packed.cu_seqlens, packed.max_seqlen, packed.num_tokens,
+                                            compiled=compiled))
         out = forward(input_ids=packed.input_ids, shift_labels=packed.shift_labels(), fused_lm_head=True, **kwargs)
         calls += 1
         for name in _PER_TOKEN:  # packed position p predicts the token after it: padded (r, t) predicts t + 1
@@ -69,7 +70,7 @@ def _packed_forwards(trainer):
     if getattr(trainer, "_is_vision_dataset", False):
         raise ValueError("padding_free=True (fastdpo): vision-language batches are not packed; set "
                          "padding_free=False")
-    lms = []
+    lms, compiled = [], bool(getattr(trainer.args, "torch_compile", False))
     for model in (trainer.model, trainer.ref_model):
         if model is None:
             continue
@@ -77,11 +78,12 @@ def _packed_forwards(trainer):
             raise ValueError("padding_free=True (fastdpo): a prompt-learning PEFT adapter prepends virtual tokens "
                              "to every sequence, which a packed row cannot hold; set padding_free=False")
         lm = causal_lm(trainer.accelerator.unwrap_model(model))
+        compiled = compiled or is_compiled(model, lm)
         if all(lm is not seen for seen in lms):
             lms.append(lm)
     saved = [(lm, lm.__dict__.get("forward")) for lm in lms]
     for lm in lms:
-        lm.forward = _packed_call(lm, lm.forward)
+        lm.forward = _packed_call(lm, lm.forward, compiled)
     try:
         yield
     finally:

@@ -207,7 +207,16 @@ def _token_mixers_besides_attention(lm) -> Optional[str]:
 
 
 SEGMENTS_KWARG = "fastdpo_segments"  # the packed row's (start, end) pairs, for the per-sequence sdpa below
-_SDPA_NEUTRAL = {"dropout", "scaling", "position_ids", "use_cache", "is_causal", "output_attentions"}
+_SDPA_NEUTRAL = {"dropout", "scaling", "position_ids", "use_cache", "is_causal", "output_attentions",
+                 "output_router_logits", "output_hidden_states", "return_dict"}
+# Families whose every layer's mask is the plain causal one, or says otherwise through a kwarg the wrapper sees
+# (a sliding window): compared packed per sequence against transformers' masked sdpa on tiny models. Llama4
+# (chunked attention), PhiMoE (a window only in its mask), Doge (a learned bias folded into the mask) and every
+# family not listed keep transformers' masked sdpa.
+PER_SEQUENCE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma3_text", "cohere",
+    "cohere2", "phi", "olmo2", "olmo3", "granite", "glm4", "gpt2", "gpt_neox", "diffllama", "dots1", "minimax_m2"})
+_WARNED_FALLBACK = set()
 
 
 def _sdpa_per_sequence(original):
@@ -224,9 +233,17 @@ def _sdpa_per_sequence(original):
         # anything else a model hands its attention (a sliding window, a softcap, sinks, a position bias, ...)
         # must be absent, None or False for plain causal attention per sequence to be the same computation
         other = any(v is not None and v is not False for k, v in kwargs.items() if k not in _SDPA_NEUTRAL)
-        if (segments is None or other or args or kwargs.get("is_causal") is False
-                or getattr(module, "sliding_window", None) is not None or not getattr(module, "is_causal", True)
-                or query.shape[2] != key.shape[2] or query.shape[0] != 1):
+        if segments is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        if (other or args or kwargs.get("is_causal") is False or getattr(module, "sliding_window", None) is not None
+                or not getattr(module, "is_causal", True) or query.shape[2] != key.shape[2] or query.shape[0] != 1):
+            name = type(module).__name__
+            if name not in _WARNED_FALLBACK:
+                _WARNED_FALLBACK.add(name)
+                logger.warning("fastdpo: %s attends a packed row under transformers' dense mask (total^2 work): "
+                               "its layer has more than plain causal attention (%s)", name,
+                               sorted(k for k, v in kwargs.items() if k not in _SDPA_NEUTRAL
+                                      and v is not None and v is not False) or "a sliding window or shape")
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         outs = [original(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
                 for a, b in segments if b > a]
@@ -236,15 +253,34 @@ def _sdpa_per_sequence(original):
     return attention
 
 
-def _install_sdpa_per_sequence() -> None:
+def _install_sdpa_per_sequence() -> bool:
+    """Wrap transformers' own ``sdpa`` (once); False where "sdpa" is someone else's function (left alone)."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     current = AttentionInterface._global_mapping.get("sdpa")
-    if current is not None and not hasattr(current, "fastdpo_original"):
-        AttentionInterface.register("sdpa", _sdpa_per_sequence(current))
+    if hasattr(current, "fastdpo_original"):
+        return current.fastdpo_original is sdpa_attention_forward
+    if current is not sdpa_attention_forward:
+        return False
+    AttentionInterface.register("sdpa", _sdpa_per_sequence(current))
+    return True
 
 
-def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total: int) -> dict:
+def _per_sequence_sdpa(lm, compiled: bool) -> bool:
+    """Whether a packed forward of ``lm`` under sdpa may attend per sequence (else transformers' dense mask)."""
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(text, "model_type", None) not in PER_SEQUENCE_MODEL_TYPES:
+        return False
+    if getattr(text, "attention_chunk_size", None) is not None:
+        return False
+    if compiled or torch.compiler.is_compiling():
+        return False  # the boundaries are Python ints: every new batch would be a new graph
+    return _install_sdpa_per_sequence()
+
+
+def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total: int, *,
+                          compiled: bool = False) -> dict:
     """What a packed forward of ``lm`` needs beyond ``input_ids``: ``position_ids`` restarting at each sequence,
     no attention mask and no cache (transformers then masks attention per sequence: its ``masking_utils`` finds
     the sequences from the restarts), and flash-attention's varlen offsets when the model attends with it.
@@ -267,12 +303,6 @@ def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int
                          f"masking_utils (known: {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}), so nothing "
                          "would keep a packed row's sequences apart: use one of those or a padded batch")
     flash = "flash" in impl
-    if impl == "eager" and impl not in _WARNED_DENSE:
-        _WARNED_DENSE.add(impl)
-        logger.warning("fastdpo: a packed row under attn_implementation=%r attends under a dense (total x total) "
-                       "block-diagonal mask: total^2 attention work, more than the padded batch's; packing pays "
-                       "in the linear layers and the LM head, and in attention too under sdpa (per sequence) "
-                       "and flash_attention_2/3 (varlen)", impl)
     cu = cu_seqlens.to(torch.int64)
     # the model side reads the offsets once per forward: checked before any layer indexes with them, the
     # boundaries of the per-sequence sdpa, flash-attention's longest sequence
@@ -282,15 +312,33 @@ def packed_forward_kwargs(lm, cu_seqlens: torch.Tensor, max_seqlen: Optional[int
                          f"{bounds if len(bounds) <= 12 else bounds[:6] + ['...'] + bounds[-3:]}")
     seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
     kwargs = {"position_ids": (torch.arange(total, device=cu.device) - cu[seg])[None], "use_cache": False}
-    if impl == "sdpa":
-        _install_sdpa_per_sequence()
+    if impl == "sdpa" and _per_sequence_sdpa(lm, compiled):
         kwargs[SEGMENTS_KWARG] = tuple(zip(bounds[:-1], bounds[1:]))
+    elif not flash and (impl, type(lm).__name__) not in _WARNED_DENSE:
+        _WARNED_DENSE.add((impl, type(lm).__name__))
+        logger.warning("fastdpo: a packed row of %s under attn_implementation=%r attends under a dense (total x "
+                       "total) block-diagonal mask: total^2 attention work, more than the padded batch's (per-"
+                       "sequence sdpa covers the families in fastdpo.integrations.hf.PER_SEQUENCE_MODEL_TYPES, "
+                       "uncompiled; flash_attention_2/3 runs varlen)", type(lm).__name__, impl)
     if flash:
         if max_seqlen is None:
             max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:]))
         cu32 = cu_seqlens.to(torch.int32)
         kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=max_seqlen, max_length_k=max_seqlen)
     return kwargs
+
+
+def is_compiled(model, lm) -> bool:
+    """``model`` (or a layer of its causal LM) under ``torch.compile``."""
+    inner = model
+    while True:
+        if hasattr(inner, "_orig_mod"):
+            return True
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+            continue
+        break
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in lm.modules())
 
 
 def _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens=None, max_seqlen=None):
@@ -316,11 +364,14 @@ def _through_forward(model, input_ids, attention_mask, loss_fn, cu_seqlens=None,
         input_ids = input_ids.reshape(1, -1)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
             raise ValueError("cu_seqlens: expected a 1-D integer tensor of sequence offsets")
-        backbone_kwargs = packed_forward_kwargs(lm, cu_seqlens, max_seqlen, input_ids.shape[1])
+        backbone_kwargs = packed_forward_kwargs(lm, cu_seqlens, max_seqlen, input_ids.shape[1],
+                                                compiled=is_compiled(model, lm))
 
     def fused_forward(*args, **kwargs):
         # the backbone is looked up here: FSDP2 and PEFT may have replaced it since
-        backbone = getattr(lm, lm.base_model_prefix)
+        backbone = getattr(lm, lm.base_model_prefix, None)
+        if not isinstance(backbone, torch.nn.Module):  # Llama4ForCausalLM's prefix names no attribute of it
+            backbone = lm.model
         hidden = backbone(input_ids=input_ids, **backbone_kwargs).last_hidden_state
         return loss_fn(hidden.to(head.weight.device), _full(head.weight), _full(head.bias), options)
 
