@@ -381,3 +381,26 @@ def test_compiled_models_keep_transformers_mask():
     assert not is_compiled(model, model) and is_compiled(torch.compile(model), model)
     assert SEGMENTS_KWARG in packed_forward_kwargs(model, cu, None, 10)
     assert SEGMENTS_KWARG not in packed_forward_kwargs(model, cu, None, 10, compiled=True)
+
+
+def test_a_users_own_sdpa_is_not_wrapped():
+    """Someone else's function registered as "sdpa" is left alone (called per sequence without a mask it could
+    compute something else): the packed forward then keeps transformers' mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fastdpo.integrations.hf import SEGMENTS_KWARG, packed_forward_kwargs
+
+    mapping = AttentionInterface._global_mapping
+    saved = mapping["sdpa"]
+
+    def own_sdpa(*args, **kwargs):
+        return sdpa_attention_forward(*args, **kwargs)
+
+    try:
+        AttentionInterface.register("sdpa", own_sdpa)
+        model = tiny_llama(64, seed=13)
+        assert SEGMENTS_KWARG not in packed_forward_kwargs(model, torch.tensor([0, 4, 10]), None, 10)
+        assert mapping["sdpa"] is own_sdpa
+    finally:
+        AttentionInterface.register("sdpa", saved)
