@@ -230,11 +230,11 @@ def _sdpa_per_sequence(original):
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         segments = kwargs.pop(SEGMENTS_KWARG, None)
+        if segments is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
         # anything else a model hands its attention (a sliding window, a softcap, sinks, a position bias, ...)
         # must be absent, None or False for plain causal attention per sequence to be the same computation
         other = any(v is not None and v is not False for k, v in kwargs.items() if k not in _SDPA_NEUTRAL)
-        if segments is None:
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
         if (other or args or kwargs.get("is_causal") is False or getattr(module, "sliding_window", None) is not None
                 or not getattr(module, "is_causal", True) or query.shape[2] != key.shape[2] or query.shape[0] != 1):
             name = type(module).__name__
