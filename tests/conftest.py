@@ -51,3 +51,8 @@ elif GPU_LANE:
                                                  if p.name != "test_gpu_lane.py"]
 else:
     collect_ignore = ["trl0", "llamafactory"]
+
+if not GPU_LANE:
+    import interpreter_patch_once  # noqa: E402
+
+    interpreter_patch_once.install()
