@@ -1,6 +1,6 @@
 """Compile every fastdpo kernel, in every variant a launch can produce, for real GPUs, with no GPU.
 
-    python -m fastdpo.aot [--arch 80 90] [--jobs 2]
+    python -m fastdpo.aot [--arch 80 90] [--jobs 2] [--dtype fp32 bf16 fp16]
 
 Prints one line per (kernel, variant, architecture): registers, spill bytes and shared memory, read from the
 bundled ``ptxas -v`` on the generated PTX, and what tells a lean kernel from a heavy one: the SASS of the
@@ -47,10 +47,12 @@ def _kernels():
     return out
 
 
-def _cases():
+def _cases(dtypes=tuple(_DTYPES)):
+    """(kernel, logits dtype, launch configuration) for every variant; ``dtypes`` narrows the logits' dtypes of
+    the kernels that read logits (the others are compiled once, fp32, either way)."""
     for name, (mod, metas) in _kernels().items():
         reads_logits = "x" in mod.POINTERS[name].values()
-        for dtype, meta in itertools.product(_DTYPES if reads_logits else ("fp32",), metas):
+        for dtype, meta in itertools.product(dtypes if reads_logits else ("fp32",), metas):
             yield (name, dtype, meta)
 
 
@@ -191,11 +193,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=list(_DTYPES),
+                        help="the logits dtypes to compile the logits-reading kernels for (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastdpo.aot: unset TRITON_INTERPRET (triton.compile fails under the interpreter)", file=sys.stderr)
         return 2
-    work = [(case, arch) for case in _cases() for arch in args.arch]
+    work = [(case, arch) for case in _cases(tuple(args.dtype)) for arch in args.arch]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_compile_star, work))
     print(f"{'kernel':<10} {'dtype':<5} {'config':<66} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} "
