@@ -61,10 +61,18 @@ pack() {  # name: the results the step wrote, to $OUT/name.tgz
 for step in "$@"; do
     case $step in
         env)
-            run_step env 60 bash -c 'nvidia-smi || true; python3 -c "import torch, triton, platform;
-print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__);
-print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")"; for m in transformers accelerate peft datasets trl liger_kernel; do
-python3 -c "import $m, importlib.metadata as md; print(\"$m\", md.version(\"$m\".replace(\"_\", \"-\")))" 2>&1 | tail -1; done' ;;
+            run_step env 60 bash -c 'nvidia-smi || true; python3 -c "
+import importlib, importlib.metadata as md, platform
+import torch, triton
+print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")
+for m in (\"transformers\", \"accelerate\", \"peft\", \"datasets\", \"trl\", \"liger_kernel\"):
+    try:  # one process imports them all: each import is checked, torch is imported once
+        importlib.import_module(m)
+        print(m, md.version(m.replace(\"_\", \"-\")))
+    except Exception as e:
+        print(m, \"not importable:\", type(e).__name__, str(e)[:200])
+"' ;;
         lane)
             xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
             run_step lane 360 env FASTDPO_TEST_LANE="$DEV" python3 -m pytest tests/test_gpu_lane.py -q -rs $xdist \
