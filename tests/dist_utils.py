@@ -5,8 +5,10 @@ The processes of a gloo world are spawned once per world size and pytest process
 another: spawning a rank and importing torch, transformers and fastdpo in it costs seconds, which the ranks' work
 in most of these tests does not. A world whose task failed or ran past its timeout is killed, so no test runs on
 ranks a failure may have left out of step (a collective some rank never joined); the next test gets a fresh one.
-Between tasks every rank collects garbage (DDP's reducer and FSDP2's state go before their next use of the group)
-and joins a barrier. ``init=False`` tests (accelerate makes its own group) spawn ranks of their own, as before."""
+A task that returns on every rank but leaves them out of step (one rank ran a collective the others did not)
+fails its own test. Each task runs in the caller's environment at the call (plus ``env``); between tasks every
+rank collects garbage. A world holds about 0.4 GB a rank once transformers is imported, until pytest exits.
+``init=False`` tests (accelerate makes its own group) spawn ranks of their own, as before."""
 
 import atexit
 import gc
@@ -27,19 +29,34 @@ def _entry(rank, world, env, fn, args):
     fn(rank, world, *args)
 
 
+def _in_step(world, ctl):
+    """Whether every rank issued as many collectives on the default group as this one (after a task that
+    returned on every rank): a rank that ran one more (a barrier the others skipped, an async collective nobody
+    waited on) would otherwise pass its test and leave the next test's collectives mismatched. Compared over the
+    harness's own group, which no task uses."""
+    seq = getattr(dist.group.WORLD, "_get_sequence_number_for_group", None)
+    mine = seq() if seq is not None else 0
+    seqs = [None] * world
+    dist.all_gather_object(seqs, mine, group=ctl)
+    return len(set(seqs)) == 1, seqs
+
+
 def _serve(rank, world, init_file, conn):
-    """A rank of a pooled world: runs ``(fn, args, env)`` tasks until it receives ``None``; answers each with
-    ``None`` or the task's traceback."""
+    """A rank of a pooled world: runs ``(fn, args, env, parent_env)`` tasks until it receives ``None``, each with
+    the caller's environment at the call plus ``env``; answers each with ``None`` or what went wrong."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # as conftest does in the pytest process
         import interpreter_patch_once
         interpreter_patch_once.install()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ctl = dist.new_group(backend="gloo")  # the harness's own collectives, never matched with a task's
+    base = dict(os.environ)
     while True:
         task = conn.recv()
         if task is None:
             break
-        fn, args, env = task
-        saved = {k: os.environ.get(k) for k in env}
+        fn, args, env, parent_env = task
+        os.environ.clear()
+        os.environ.update(parent_env)
         os.environ.update(env)
         try:
             fn(rank, world, *args)
@@ -47,16 +64,14 @@ def _serve(rank, world, init_file, conn):
         except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
             answer = traceback.format_exc()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        gc.collect()
+            os.environ.clear()
+            os.environ.update(base)
+        gc.collect()  # DDP's reducer and FSDP2's state go before the group's next use
+        if answer is None:  # a rank that failed skips this: the others wait here until the world is killed
+            ok, seqs = _in_step(world, ctl)
+            if not ok:
+                answer = f"ranks out of step after the task: collectives on the default group per rank {seqs}"
         conn.send(answer)
-        if answer is None:  # a failed rank's world is killed; a good one waits for every rank to finish
-            dist.barrier()
-    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -76,7 +91,7 @@ class _World:
 
     def run(self, fn, args, env, timeout):
         for conn in self.conns:
-            conn.send((fn, args, env))
+            conn.send((fn, args, env, dict(os.environ)))
         deadline = time.monotonic() + timeout
         pending = dict(enumerate(self.conns))
         failures = []
@@ -101,7 +116,7 @@ class _World:
                 if answer is not None:
                     failures.append(f"rank {rank} failed:\n{answer}")
                     # the others may wait in a collective this rank left: no need to wait out the whole timeout
-                    deadline = min(deadline, time.monotonic() + 10.0)
+                    deadline = min(deadline, time.monotonic() + 2.0)
         if failures:
             raise (TimeoutError if len(failures) == 1 and pending else RuntimeError)("\n".join(failures))
 
@@ -138,14 +153,19 @@ def free_port() -> int:
 
 
 def run_ranks(fn, world: int, *args, env=None, init: bool = True, timeout: float = 600.0):
-    """``fn`` must be a module-level function (the ranks import it by name); ``env`` is set around the call and
-    restored after it. ``init=False``: fresh processes and no process group; the ranks get RANK, LOCAL_RANK,
+    """``fn`` must be a module-level function (the ranks import it by name). The ranks run it in the caller's
+    environment as it is at the call, plus ``env``. ``init=False``: fresh processes and no process group; the ranks get RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR and MASTER_PORT to make their own. A run past ``timeout`` seconds (a rank waiting in
     a collective the others never join) kills every rank and raises ``TimeoutError``: a hang fails the test
     instead of the whole run."""
     env = dict(env or {})
     if init:
-        w = _WORLDS.get(world) or _WORLDS.setdefault(world, _World(world))
+        w = _WORLDS.get(world)
+        if w is not None and not all(p.is_alive() for p in w.procs):  # a rank died between tests
+            del _WORLDS[world]
+            w.close(kill=True)
+            w = None
+        w = w or _WORLDS.setdefault(world, _World(world))
         try:
             w.run(fn, args, env, timeout)
         except BaseException:
