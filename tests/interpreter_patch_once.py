@@ -32,7 +32,8 @@ def install() -> bool:
 
     def patch_lang(fn):
         langs = _langs(fn)
-        if _state["launch"] and langs <= _state["patched"] and not _state["off"]:
+        # a helper that sees no language module at all goes to Triton, whose assertion says so
+        if _state["launch"] and langs and langs <= _state["patched"] and not _state["off"]:
             _state["skipped"] += 1
             return scope_type()  # already in place for this launch; nothing to restore
         scope = original_patch(fn)

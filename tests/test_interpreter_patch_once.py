@@ -2,7 +2,10 @@
 patching of ``triton.language`` inside a launch, and changes no result: fastdpo's kernels give the same bits with
 the interpreter as shipped."""
 
+import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastdpo
 import interpreter_patch_once
@@ -32,3 +35,23 @@ def test_same_bits_as_the_shipped_interpreter(monkeypatch):
     for a, b in zip(fast, shipped):
         assert torch.equal(a, b)
 
+
+
+
+# a jit helper whose module binds neither triton.language nor triton.language.core, called from a kernel
+_scope = {"triton": triton}
+exec("def _helper(x):\n    return triton.language.maximum(x, 0.0)\n", _scope)
+_helper = triton.jit(_scope["_helper"])
+
+
+@triton.jit
+def _calls_helper(x_ptr):
+    offs = tl.arange(0, 4)
+    tl.store(x_ptr + offs, _helper(tl.load(x_ptr + offs)))
+
+
+def test_a_helper_that_sees_no_language_module_is_refused_as_shipped():
+    """Triton's interpreter asserts that a jit function sees triton.language; the speed-up must not skip that
+    check for a helper called inside a launch."""
+    with pytest.raises(Exception, match="triton.language must be visible"):
+        _calls_helper[(1,)](torch.zeros(4))
