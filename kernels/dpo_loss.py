@@ -39,9 +39,9 @@ import triton.language as tl
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Order of the ``loss_weights`` vector: fastdpo.losses.LOSS_TYPES.
-# Each pair carries ~40 live fp32 intermediates: 128 pairs per 4 warps spill with the metrics (AOT check); more
-# pairs loop.
-MAX_BLOCK_B = 64
+# Each pair carries ~40 live fp32 intermediates: 128 pairs per 4 warps spill with the metrics (AOT check), and
+# 64 spill 4 bytes on sm_90 without them under Triton 3.9's ptxas flags (--regAllocOptLevel=2); more pairs loop.
+MAX_BLOCK_B = 32
 NUM_WARPS = 4
 
 
