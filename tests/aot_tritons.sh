@@ -7,14 +7,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
+log=$(mktemp)
 for v in own 3.6.0 3.7.1; do
-  dir=.triton-$v
-  if [ "$v" = own ]; then
-    dir=
-  else
+  dir=
+  if [ "$v" != own ]; then
+    dir=$PWD/.triton-$v
     [ -f "$dir/triton/__init__.py" ] || "$py" -m pip install -q --no-deps --target "$dir" "triton==$v"
   fi
-  echo "+ AOT check with triton $(PYTHONPATH="$dir" "$py" -c 'import triton; print(triton.__version__)')"
+  want=$(PYTHONPATH="$dir" "$py" -c 'import triton; print(triton.__version__)')
+  [ "$v" = own ] || [ "$want" = "$v" ] || { echo "triton $v is not first on the path ($want is)" >&2; exit 1; }
+  echo "+ AOT check with triton $want"
   PYTHONPATH="$dir" FASTDPO_AOT_FULL=1 "$py" -m pytest -q -s -p no:cacheprovider \
-    tests/test_aot.py::test_aot_compiles_without_spills
+    tests/test_aot.py::test_aot_compiles_without_spills | tee "$log"
+  # the test ran the whole check (every dtype) with this Triton
+  grep -q "(logits fp32 bf16 fp16; Triton $want)" "$log" || { echo "not the whole check" >&2; exit 1; }
 done
+rm -f "$log"

@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+import triton
 
 import fastdpo
 from fastdpo import aot
@@ -31,12 +32,16 @@ def _env():
 # tests/aot_tritons.sh runs this test with FASTDPO_AOT_FULL=1 (every dtype) against the venv's Triton and the two
 # others GPU users run.
 AOT_DTYPES = ["fp32", "bf16", "fp16"] if os.environ.get("FASTDPO_AOT_FULL") == "1" else ["bf16"]
+# Instructions per logit of the unaligned forward's loop: 40, except Triton 3.7's 2 x 512 tile (41.5, bf16).
+UNALIGNED_LIMIT = 44 if triton.__version__.startswith("3.7.") else 40
 
 
 def test_aot_compiles_without_spills():
     proc = subprocess.run([sys.executable, "-m", "fastdpo.aot", "--arch", "80", "90", "--dtype", *AOT_DTYPES],
                           env=_env(), capture_output=True, text=True, timeout=1500)
-    print(proc.stdout.splitlines()[-1] if proc.stdout else "")  # "N of N kernel configurations compiled ..."
+    summary = proc.stdout.splitlines()[-1] if proc.stdout else ""
+    print(summary)  # "N of N kernel configurations compiled ... (logits ...; Triton X)": tests/aot_tritons.sh reads it
+    assert summary.endswith(f"(logits {' '.join(AOT_DTYPES)}; Triton {triton.__version__})"), summary
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["logps_fwd"], ["logps_bwd"], ["dpo_head"])]
     assert {r[0] for r in rows} == {"logps_fwd", "logps_bwd", "dpo_head"}
@@ -46,7 +51,7 @@ def test_aot_compiles_without_spills():
     assert {r[1] for r in rows} == set(AOT_DTYPES) | {"fp32"}
     for r in rows:  # ... arch regs spill smem [instr/logit mufu/logit bar/it shfl/it]
         i = next(j for j, tok in enumerate(r) if tok.startswith("sm_"))
-        assert r[i + 2] == "0", f"spills reported: {' '.join(r)}"
+        assert r[i + 2] == "0", f"stack use (a spill) reported: {' '.join(r)}"
         if r[0] == "logps_fwd":
             # the vocabulary loop reduces one row maximum per block (two barriers, three on Triton 3.6); the
             # sums stay per lane until after the loop. The statistics once cost 12 barriers per block.
@@ -57,7 +62,7 @@ def test_aot_compiles_without_spills():
             # (aligned one-row / aligned 2-D / unaligned): Triton 3.9.0 18.9 / 24.5 / 37.5, 3.7.1 20.6 / 25.0 /
             # 41.5 (the bf16 2 x 512 tile), 3.6.0 20.5 / 23.4 / 36.5.
             line = " ".join(r)
-            limit = (22 if "BLOCK_T=1 " in line else 26) if "ALIGNED=True" in line else 44
+            limit = (22 if "BLOCK_T=1 " in line else 26) if "ALIGNED=True" in line else UNALIGNED_LIMIT
             assert float(r[i + 4]) < limit, f"a heavy loop body: {line}"
 
 
