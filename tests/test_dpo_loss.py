@@ -15,6 +15,7 @@ import torch
 
 import fastdpo
 from fastdpo import _head
+from fastdpo.kernels import dpo_loss as head_kernels
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig, dpo_loss_from_logps
 from fastdpo.naive import naive_token_logps
 from helpers import logp_tol, store_atol, store_rtol
@@ -308,3 +309,58 @@ def test_no_tokens_in_a_sequence(backend):
     assert out.chosen_logps[1] == 0 and torch.isfinite(out.loss)
     assert torch.equal(grad[1], torch.zeros_like(grad[1])) and torch.equal(grad[4], torch.zeros_like(grad[4]))
     assert math.isfinite(out.metrics["logits/chosen"].item())
+
+
+def _head_inputs(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    chosen = -50 + 5 * torch.randn(B, generator=g)
+    rejected = -50 + 5 * torch.randn(B, generator=g)
+    ref_c = chosen - torch.randn(B, generator=g)
+    ref_r = rejected + torch.randn(B, generator=g)
+    counts = torch.randint(1, 40, (2 * B,), generator=g)
+    # (4, 2B) sums over each completion: mean logit, entropy, log sum p^2 (WPO), top-1 hits
+    seq_stats = torch.stack([torch.randn(2 * B, generator=g) * counts, torch.rand(2 * B, generator=g) * counts,
+                             -torch.rand(2 * B, generator=g) * counts, torch.randint(0, 2, (2 * B,), generator=g) * 1.0])
+    return torch.cat([chosen, rejected]), counts, seq_stats, ref_c, ref_r
+
+
+M = head_kernels.MAX_BLOCK_B
+
+
+@pytest.mark.parametrize("wpo", [False, True])  # aot's rank gathers cross blocks; WPO (no aot) weighs each pair
+@pytest.mark.parametrize("B", [1, 16, 17, M, M + 1, 2 * M + 6])  # one block of each size, then two and three blocks
+def test_loss_head_over_several_blocks_of_pairs(monkeypatch, B, wpo):
+    """Both passes of the head kernel loop over blocks of at most ``MAX_BLOCK_B`` pairs; the fused-linear path
+    runs it on pair groups [p0, p1) that start and end inside a block. Every other head test holds at most 5
+    pairs (one block). Triton (interpreted) against the float64 spec for the loss and coefficients, and against
+    the PyTorch head for the rewards and metrics."""
+    logps, counts, seq_stats, ref_c, ref_r = _head_inputs(B)
+    types = [t for t in LOSS_TYPES if not (wpo and t.startswith("aot"))]
+    cfg = DPOLossConfig(beta=0.1, loss_type=types, label_smoothing=0.1, use_weighting=wpo, nll_alpha=0.3)
+    p = _head.params(cfg)
+    bounds = sorted({0, min(5, B), min(B, M + 3), B})  # groups crossing block edges
+    runs = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("FASTDPO_BACKEND", backend)
+        loss, coef = torch.zeros((), dtype=torch.float64), torch.full((2 * B,), float("nan"))
+        for p0, p1 in zip(bounds, bounds[1:]):  # as fastdpo._linear._PairHead.run: metrics with the last group
+            out, c, rewards, metrics = _head.loss_head(logps, logps, counts, seq_stats, ref_c, ref_r, p,
+                                                       pairs=(p0, p1), with_metrics=p1 == B)
+            loss += out[0].double()
+            coef[p0:p1], coef[B + p0:B + p1] = c[p0:p1], c[B + p0:B + p1]
+        runs[backend] = (loss, coef, rewards, metrics)
+
+    # the float64 spec: loss and dL/dlogp (WPO weights detached, as TRL)
+    leaves = [t.double().requires_grad_(True) for t in (logps[:B], logps[B:])]
+    n = counts.double().clamp(min=1)
+    w = torch.exp((logps.double() - seq_stats[2].double()) / n)
+    ref = dpo_loss_from_logps(*leaves, ref_c.double(), ref_r.double(), chosen_tokens=counts[:B].double(),
+                              rejected_tokens=counts[B:].double(), chosen_sums=leaves[0],
+                              pair_weights=(w[:B] * w[B:]).detach() if wpo else None, config=cfg)
+    ref_coef = torch.cat(torch.autograd.grad(ref, leaves))
+    loss, coef, rewards, metrics = runs["triton"]
+    torch.testing.assert_close(loss, ref.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(coef.double(), ref_coef, rtol=1e-4, atol=1e-6 * ref_coef.abs().max().item())
+    _, _, want_rewards, want_metrics = runs["torch"]
+    torch.testing.assert_close(rewards, want_rewards, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics, want_metrics, rtol=1e-5, atol=1e-6)
