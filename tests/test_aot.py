@@ -39,10 +39,10 @@ UNALIGNED_LIMIT = 44 if triton.__version__.startswith("3.7.") else 40
 def test_aot_compiles_without_spills():
     proc = subprocess.run([sys.executable, "-m", "fastdpo.aot", "--arch", "80", "90", "--dtype", *AOT_DTYPES],
                           env=_env(), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = proc.stdout.splitlines()[-1] if proc.stdout else ""
     print(summary)  # "N of N kernel configurations compiled ... (logits ...; Triton X)": tests/aot_tritons.sh reads it
     assert summary.endswith(f"(logits {' '.join(AOT_DTYPES)}; Triton {triton.__version__})"), summary
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["logps_fwd"], ["logps_bwd"], ["dpo_head"])]
     assert {r[0] for r in rows} == {"logps_fwd", "logps_bwd", "dpo_head"}
     assert {"sm_80", "sm_90"} <= {tok for r in rows for tok in r}
@@ -147,6 +147,8 @@ def test_every_launch_is_a_compiled_variant(monkeypatch):
         lab = torch.randint(0, 1000, (2, 4), generator=g)
         fastdpo.dpo_loss(pairs, lab).loss.backward()  # B = 1, reference-free
         fastdpo.dpo_loss(pairs, lab, torch.tensor([-3.0]), torch.tensor([-4.0])).loss.backward()
+    many = torch.randn(2 * 20, 3, 7, generator=g, requires_grad=True)  # 20 pairs: the head's 32-pair block
+    fastdpo.dpo_loss(many, torch.randint(0, 7, (2 * 20, 3), generator=g)).loss.backward()
     h = torch.randn(2, 6, 8, generator=g, requires_grad=True)
     fastdpo.linear_dpo_loss(h, torch.randn(100, 8, generator=g), torch.randint(0, 100, (2, 6), generator=g),
                             chunk_bytes=100 * 4 * 3).loss.backward()
@@ -177,7 +179,10 @@ def test_every_launch_is_a_compiled_variant(monkeypatch):
                 assert p.annotation_type == sig[p.name] and (p.do_not_specialize or isinstance(a, float)), \
                     (name, p.name)
         seen[(name, meta.get("ALIGNED"))] += 1
+        if "BLOCK_B" in meta:
+            seen[("BLOCK_B", meta["BLOCK_B"])] += 1
     # both forward and backward variants were exercised, and the loss head
     assert {k for k in seen} >= {("_sequence_logps_fwd_kernel", True), ("_sequence_logps_fwd_kernel", False),
                                  ("_sequence_logps_bwd_kernel", True), ("_sequence_logps_bwd_kernel", False),
-                                 ("_dpo_loss_head_kernel", None), ("_sequence_sums_kernel", None)}, seen
+                                 ("_dpo_loss_head_kernel", None), ("_sequence_sums_kernel", None),
+                                 ("BLOCK_B", 16), ("BLOCK_B", head_kernels.MAX_BLOCK_B)}, seen
