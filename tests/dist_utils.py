@@ -29,16 +29,19 @@ def _entry(rank, world, env, fn, args):
     fn(rank, world, *args)
 
 
-def _in_step(world, ctl):
-    """Whether every rank issued as many collectives on the default group as this one (after a task that
-    returned on every rank): a rank that ran one more (a barrier the others skipped, an async collective nobody
-    waited on) would otherwise pass its test and leave the next test's collectives mismatched. Compared over the
-    harness's own group, which no task uses."""
-    seq = getattr(dist.group.WORLD, "_get_sequence_number_for_group", None)
-    mine = seq() if seq is not None else 0
+def _in_step(world, ctl, world_group):
+    """Whether every rank issued as many operations on the default group as this one (after a task that returned
+    on every rank): a rank that ran one more (a barrier the others skipped, an async collective nobody waited on)
+    would otherwise pass its test and leave the next test's collectives mismatched. Point-to-point sends and
+    receives count too, so a task whose ranks exchange them unevenly fails here: none does. Compared over the
+    harness's own group, which no task uses. A task that destroyed or replaced the default group fails too."""
+    if not dist.is_initialized() or dist.group.WORLD is not world_group:
+        return False, "the task destroyed or replaced the default process group"
     seqs = [None] * world
-    dist.all_gather_object(seqs, mine, group=ctl)
-    return len(set(seqs)) == 1, seqs
+    dist.all_gather_object(seqs, world_group._get_sequence_number_for_group(), group=ctl)
+    if len(set(seqs)) > 1:
+        return False, f"ranks out of step after the task: operations on the default group per rank {seqs}"
+    return True, ""
 
 
 def _serve(rank, world, init_file, conn):
@@ -49,6 +52,7 @@ def _serve(rank, world, init_file, conn):
         interpreter_patch_once.install()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ctl = dist.new_group(backend="gloo")  # the harness's own collectives, never matched with a task's
+    world_group = dist.group.WORLD
     base = dict(os.environ)
     while True:
         task = conn.recv()
@@ -68,9 +72,8 @@ def _serve(rank, world, init_file, conn):
             os.environ.update(base)
         gc.collect()  # DDP's reducer and FSDP2's state go before the group's next use
         if answer is None:  # a rank that failed skips this: the others wait here until the world is killed
-            ok, seqs = _in_step(world, ctl)
-            if not ok:
-                answer = f"ranks out of step after the task: collectives on the default group per rank {seqs}"
+            ok, why = _in_step(world, ctl, world_group)
+            answer = None if ok else why
         conn.send(answer)
     dist.destroy_process_group()
 

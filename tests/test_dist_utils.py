@@ -38,6 +38,10 @@ def _rank0_collective_nobody_joins(rank, world):
         dist.all_reduce(torch.ones(1), async_op=True)  # never waited on: rank 0 is one collective ahead
 
 
+def _destroys_the_group(rank, world):
+    dist.destroy_process_group()
+
+
 def _rank1_waits_alone(rank, world):
     if rank == 1:
         dist.all_reduce(torch.ones(1))  # rank 0 never joins
@@ -68,6 +72,12 @@ def test_a_failing_rank_fails_the_caller_and_the_world_is_replaced():
 def test_ranks_left_out_of_step_fail_the_test_that_did_it():
     with pytest.raises(RuntimeError, match="rank 0 failed:\nranks out of step after the task"):
         run_ranks(_rank0_collective_nobody_joins, 2)
+    run_ranks(_sum_ranks, 2)
+
+
+def test_a_task_that_destroys_the_default_group_fails_itself():
+    with pytest.raises(RuntimeError, match="destroyed or replaced the default process group"):
+        run_ranks(_destroys_the_group, 2)
     run_ranks(_sum_ranks, 2)
 
 
