@@ -3,11 +3,11 @@
     python -m fastdpo.aot [--arch 80 90] [--jobs 2] [--dtype fp32 bf16 fp16]
 
 Prints one line per (kernel, variant, architecture), read with the bundled ``cuobjdump`` from the cubin Triton
-built (with Triton's own ptxas flags): registers, stack bytes (where spills go; 0 means none) and shared memory,
-and what tells a lean kernel from a heavy one: the SASS of the vocabulary loop's body (the largest backward
+built (with Triton's own ptxas flags): registers, stack bytes (where spills go; 0 means none), the shared memory
+Triton requests (its metadata), and what tells a lean kernel from a heavy one: the SASS of the vocabulary loop's body (the largest backward
 branch), as instructions per logit a thread handles, special-function (MUFU: exp2, log2) instructions per logit,
 and the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide reductions cost. Exits non-zero on
-any compile error, any stack use (a spill), any integer argument Triton could specialise at launch, and any
+any compile error, any stack use (a spill, or a frame no kernel here should need), any integer argument Triton could specialise at launch, and any
 reshape that may reorder the elements of a tile holding more than one row.
 
 Variants come from the kernel modules themselves, the lists the launchers choose from (``all_meta()`` in
@@ -161,9 +161,13 @@ def compile_one(case, arch: int) -> dict:
                 f.write(compiled.asm["cubin"])
             out = subprocess.run([cuobjdump, "-res-usage", "-sass", cubin], capture_output=True, text=True,
                                  check=True).stdout
-        usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+        usage = re.search(rf"Function {re.escape(compiled.metadata.name)}:\s*REG:(\d+) STACK:(\d+) SHARED:\d+ "
+                          r"LOCAL:(\d+)", out)
+        if usage is None:
+            raise ValueError(f"no resource usage for {compiled.metadata.name} in cuobjdump's output")
         row["registers"] = int(usage.group(1))
-        row["stack_bytes"] = int(usage.group(2)) + int(usage.group(3))  # spills (and any local array) live there
+        # spills live there, and so would a local array or a non-inlined call's frame: none is expected
+        row["stack_bytes"] = max(int(v) + int(w) for v, w in re.findall(r"STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out))
         row["shared_bytes"] = compiled.metadata.shared
         loop = loop_profile(out)
         if loop and kernel in ("logps_fwd", "logps_bwd"):  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them

@@ -39,8 +39,9 @@ import triton.language as tl
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Order of the ``loss_weights`` vector: fastdpo.losses.LOSS_TYPES.
-# Each pair carries ~40 live fp32 intermediates: 128 pairs per 4 warps spill with the metrics (AOT check), and
-# 64 spill 4 bytes on sm_90 without them under Triton 3.9's ptxas flags (--regAllocOptLevel=2); more pairs loop.
+# Pairs per block (one pair a thread up to 128 with 4 warps); more pairs loop. 32: the 64-pair block without
+# metrics spills 4 bytes on sm_90 under Triton 3.9's ptxas flags (--regAllocOptLevel=2; a register-allocation
+# quirk, AOT check), and the head's work is per pair, negligible beside the logits.
 MAX_BLOCK_B = 32
 NUM_WARPS = 4
 

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for v in own 3.6.0 3.7.1; do
   dir=
   if [ "$v" != own ]; then
@@ -22,4 +23,3 @@ for v in own 3.6.0 3.7.1; do
   # the test ran the whole check (every dtype) with this Triton
   grep -q "(logits fp32 bf16 fp16; Triton $want)" "$log" || { echo "not the whole check" >&2; exit 1; }
 done
-rm -f "$log"
