@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 
 from fastdpo import _backend
+from fastdpo.kernels import COMPILE_OPTIONS
 from fastdpo.kernels import dpo_loss as _k
 from fastdpo.losses import LOSS_TYPES, DPOLossConfig
 
@@ -143,7 +144,7 @@ def _triton_head(logps, sums, counts, seq_stats, ref_c, ref_r, p: HeadParams, p0
         N // 2, p0, p1, int(has_ref),
         p.beta, p.eps, p.exo_log_keep, p.exo_log_eps, int(p.f_div), p.inv_am1, p.am1, p.tau, p.gamma, p.nll_alpha,
         int(p.use_weighting), *p.weights,
-        **_k.head_meta(N // 2, with_metrics))
+        **_k.head_meta(N // 2, with_metrics), **COMPILE_OPTIONS)
     return out, coef, rewards, metrics
 
 

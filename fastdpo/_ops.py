@@ -16,6 +16,7 @@ import torch
 import triton
 
 from fastdpo import _backend
+from fastdpo.kernels import COMPILE_OPTIONS
 from fastdpo.kernels import logps as _k
 
 # Rows of logits the PyTorch path turns into fp32 at once: 2^20 elements (4 MiB fp32); measured fastest
@@ -195,7 +196,7 @@ def _triton_forward(logits, labels, ignore_index, shift, with_stats, with_max=Fa
             *logits.stride(),
             *labels.stride(),
             ignore_index, int(shift), int(with_max), x_off,
-            **meta)
+            **meta, **COMPILE_OPTIONS)
     return token_logps, lse, stats
 
 
@@ -213,7 +214,7 @@ def _triton_sums(token_logps, stats, labels, ignore_index, shift, cu=None):
             S, T, N * T,
             *labels.stride(),
             ignore_index, int(shift),
-            **_k.sums_meta(stats is not None, cu is not None))
+            **_k.sums_meta(stats is not None, cu is not None), **COMPILE_OPTIONS)
     return logps, num_tokens, seq_stats
 
 
@@ -235,7 +236,7 @@ def _triton_backward(logits, labels, lse, coef, ignore_index, shift, out):
             *out.stride(),
             *coef.stride(),
             ignore_index, int(shift), x_off, g_off,
-            **meta)
+            **meta, **COMPILE_OPTIONS)
 # ---------------------------------------------------------------------------------------------- PyTorch
 
 

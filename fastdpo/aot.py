@@ -141,6 +141,8 @@ def compile_one(case, arch: int) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
+    from fastdpo.kernels import COMPILE_OPTIONS
+
     name, dtype, meta = case
     kernel = _SHORT.get(name, name)
     row = {"kernel": kernel, "dtype": dtype, "config": dict(meta), "arch": f"sm_{arch}"}
@@ -149,7 +151,7 @@ def compile_one(case, arch: int) -> dict:
         _, fn = _jit_fn(name)
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": meta["num_warps"]})
+                                  options={"num_warps": meta["num_warps"], **COMPILE_OPTIONS})
         reorders = reorder_findings(compiled.asm["ttir"]) + reorder_findings(compiled.asm["ttgir"])
         if reorders:
             raise ValueError(f"a reshape may move elements across rows: {reorders[0]}")

@@ -158,9 +158,13 @@ def test_every_launch_is_a_compiled_variant(monkeypatch):
 
     monkeypatch.undo()
     seen = collections.Counter()
+    from fastdpo.kernels import COMPILE_OPTIONS
+
     for name, args, kwargs in log:
         mod = kernels[name]
         meta = dict(kwargs)
+        # every launch passes the compile options AOT compiles with (FMA contraction on, whatever the environment)
+        assert {k: meta.pop(k, None) for k in COMPILE_OPTIONS} == COMPILE_OPTIONS, (name, kwargs)
         assert meta in mod.all_meta()[name], f"{name}: launch configuration {meta} is not compiled by AOT"
         _, fn = aot._jit_fn(name)
         params = [p for p in fn.params if not p.is_constexpr]
