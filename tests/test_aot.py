@@ -164,7 +164,7 @@ def test_every_launch_is_a_compiled_variant(monkeypatch):
         mod = kernels[name]
         meta = dict(kwargs)
         # every launch passes the compile options AOT compiles with (FMA contraction on, whatever the environment)
-        assert {k: meta.pop(k, None) for k in COMPILE_OPTIONS} == COMPILE_OPTIONS, (name, kwargs)
+        assert {k: meta.pop(k, None) for k in COMPILE_OPTIONS} == dict(COMPILE_OPTIONS), (name, kwargs)
         assert meta in mod.all_meta()[name], f"{name}: launch configuration {meta} is not compiled by AOT"
         _, fn = aot._jit_fn(name)
         params = [p for p in fn.params if not p.is_constexpr]
@@ -190,3 +190,14 @@ def test_every_launch_is_a_compiled_variant(monkeypatch):
                                  ("_sequence_logps_bwd_kernel", True), ("_sequence_logps_bwd_kernel", False),
                                  ("_dpo_loss_head_kernel", None), ("_sequence_sums_kernel", None),
                                  ("BLOCK_B", 16), ("BLOCK_B", head_kernels.MAX_BLOCK_B)}, seen
+
+
+@pytest.mark.parametrize("value,fusion", [("1", False), ("true", False), ("0", True), ("", True)])
+def test_fp_fusion_is_on_unless_force_disabled(value, fusion):
+    """Launches pass FMA contraction on whatever TRITON_DEFAULT_FP_FUSION says; TRITON_FORCE_DISABLE_FP_FUSION
+    still turns it off, on every Triton (3.6 and 3.7 have no such variable: fastdpo reads it)."""
+    env = {**_env(), "TRITON_FORCE_DISABLE_FP_FUSION": value, "TRITON_DEFAULT_FP_FUSION": "0"}
+    code = "from fastdpo.kernels import COMPILE_OPTIONS; print(COMPILE_OPTIONS['enable_fp_fusion'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(fusion)
