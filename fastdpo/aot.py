@@ -4,11 +4,12 @@
 
 Prints one line per (kernel, variant, architecture), read with the bundled ``cuobjdump`` from the cubin Triton
 built (with Triton's own ptxas flags): registers, stack bytes (where spills go; 0 means none), the shared memory
-Triton requests (its metadata), and what tells a lean kernel from a heavy one: the SASS of the vocabulary loop's body (the largest backward
-branch), as instructions per logit a thread handles, special-function (MUFU: exp2, log2) instructions per logit,
-and the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide reductions cost. Exits non-zero on
-any compile error, any stack use (a spill, or a frame no kernel here should need), any integer argument Triton could specialise at launch, and any
-reshape that may reorder the elements of a tile holding more than one row.
+Triton requests (its metadata), and what tells a lean kernel from a heavy one: the SASS of the vocabulary loop's
+body (the largest backward branch), as instructions per logit a thread handles, special-function (MUFU: exp2,
+log2) instructions per logit, and the barriers (BAR) and warp shuffles (SHFL) per iteration, which block-wide
+reductions cost. Exits non-zero on any compile error, any stack use (a spill, or a frame no kernel here should
+need), any integer argument Triton could specialise at launch, and any reshape that may reorder the elements of a
+tile holding more than one row.
 
 Variants come from the kernel modules themselves, the lists the launchers choose from (``all_meta()`` in
 ``kernels/logps.py`` and ``kernels/dpo_loss.py``), crossed with the logits' dtypes for the kernels that read
@@ -163,13 +164,13 @@ def compile_one(case, arch: int) -> dict:
                 f.write(compiled.asm["cubin"])
             out = subprocess.run([cuobjdump, "-res-usage", "-sass", cubin], capture_output=True, text=True,
                                  check=True).stdout
-        usage = re.search(rf"Function {re.escape(compiled.metadata.name)}:\s*REG:(\d+) STACK:(\d+) SHARED:\d+ "
-                          r"LOCAL:(\d+)", out)
-        if usage is None:
+        usage = {m[0]: (int(m[1]), int(m[2]) + int(m[3])) for m in
+                 re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)}
+        if compiled.metadata.name not in usage:
             raise ValueError(f"no resource usage for {compiled.metadata.name} in cuobjdump's output")
-        row["registers"] = int(usage.group(1))
+        row["registers"] = usage[compiled.metadata.name][0]
         # spills live there, and so would a local array or a non-inlined call's frame: none is expected
-        row["stack_bytes"] = max(int(v) + int(w) for v, w in re.findall(r"STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out))
+        row["stack_bytes"] = max(stack for _, stack in usage.values())
         row["shared_bytes"] = compiled.metadata.shared
         loop = loop_profile(out)
         if loop and kernel in ("logps_fwd", "logps_bwd"):  # per logit: a loop iteration covers BLOCK_T x BLOCK_V of them
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=list(_DTYPES),
                         help="the logits dtypes to compile the logits-reading kernels for (default: all)")
     args = parser.parse_args(argv)
+    import triton
+
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastdpo.aot: unset TRITON_INTERPRET (triton.compile fails under the interpreter)", file=sys.stderr)
         return 2
@@ -218,7 +221,6 @@ def main(argv=None) -> int:
             print(f"{r['kernel']:<10} {r['dtype']:<5} {cfg:<66} {r['arch']:<6} {r['registers']:>4} "
                   f"{r['stack_bytes']:>5} {r['shared_bytes']:>6} {loop}")
     bad = [r for r in rows if not r["ok"]]
-    import triton
     print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compiled with no stack use (no spill) "
           f"(logits {' '.join(args.dtype)}; Triton {triton.__version__})")
     return 1 if bad else 0

@@ -157,10 +157,10 @@ def free_port() -> int:
 
 def run_ranks(fn, world: int, *args, env=None, init: bool = True, timeout: float = 600.0):
     """``fn`` must be a module-level function (the ranks import it by name). The ranks run it in the caller's
-    environment as it is at the call, plus ``env``. ``init=False``: fresh processes and no process group; the ranks get RANK, LOCAL_RANK,
-    WORLD_SIZE, MASTER_ADDR and MASTER_PORT to make their own. A run past ``timeout`` seconds (a rank waiting in
-    a collective the others never join) kills every rank and raises ``TimeoutError``: a hang fails the test
-    instead of the whole run."""
+    environment as it is at the call, plus ``env``. ``init=False``: fresh processes and no process group; the
+    ranks get RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to make their own. A run past ``timeout``
+    seconds (a rank waiting in a collective the others never join) kills every rank and raises ``TimeoutError``:
+    a hang fails the test instead of the whole run."""
     env = dict(env or {})
     if init:
         w = _WORLDS.get(world)

@@ -320,7 +320,8 @@ def _head_inputs(B, seed=0):
     counts = torch.randint(1, 40, (2 * B,), generator=g)
     # (4, 2B) sums over each completion: mean logit, entropy, log sum p^2 (WPO), top-1 hits
     seq_stats = torch.stack([torch.randn(2 * B, generator=g) * counts, torch.rand(2 * B, generator=g) * counts,
-                             -torch.rand(2 * B, generator=g) * counts, torch.randint(0, 2, (2 * B,), generator=g) * 1.0])
+                             -torch.rand(2 * B, generator=g) * counts,
+                             torch.randint(0, 2, (2 * B,), generator=g) * 1.0])
     return torch.cat([chosen, rejected]), counts, seq_stats, ref_c, ref_r
 
 
